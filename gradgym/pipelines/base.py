@@ -1,0 +1,62 @@
+"""What every pipeline shares: the report callback, the result, the metric names.
+
+A pipeline reports through a plain callback so that it runs the same in a notebook, under
+``gradgym run`` and inside a Ray trial::
+
+    def report(metrics: dict[str, float], step: int, artifacts: dict | None = None) -> None
+
+``artifacts`` (optional, host-side values) uses these keys:
+
+- ``"video_initial"``, ``"video_best"``: lists of ``H x W x 3`` uint8 frames of the first
+  start state's trajectory before optimization and of the best trajectory found;
+- ``"gradients"``: a flat numpy array of the current gradient, every ``grad_hist_every``
+  iterations, for histograms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
+
+ITERATION_METRICS = (
+    "return_mean",
+    "return_min",
+    "return_max",
+    "loss",
+    "grad_norm",
+    "grad_max_abs",
+    "grad_nonfinite",
+    "iter_time_s",
+    "env_steps_per_s",
+)
+EVAL_METRIC = "eval_return_mean"
+FINAL_METRICS = ("compile_time_s", "best_return", "final_return")
+
+
+class Report(Protocol):
+    """The progress callback a pipeline calls once per iteration (and once at the end)."""
+
+    def __call__(
+        self, metrics: dict[str, float], step: int, artifacts: Optional[dict[str, Any]] = None
+    ) -> None: ...
+
+
+def no_report(metrics: dict[str, float], step: int, artifacts: Optional[dict[str, Any]] = None) -> None:
+    """The default callback: report nothing."""
+
+
+class NonFiniteReturnError(RuntimeError):
+    """The return became NaN/inf; everything reported before it stays reported."""
+
+
+@dataclass
+class PipelineResult:
+    """What a pipeline returns once it has finished."""
+
+    best_return: float
+    final_return: float
+    compile_time_s: float
+    wall_time_s: float
+    iterations: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    params: Any = None  # the optimized logits / policy parameters (native arrays)
