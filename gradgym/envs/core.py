@@ -205,7 +205,7 @@ class Env:
         dtype = getattr(action, "dtype", None)
         if dtype != self.backend.dtype:
             raise TypeError(
-                f"{self.spec.name}: action dtype {dtype} does not match the env dtype "
+                f"{self.spec.name}: action dtype {_dtype_name(dtype)} does not match the env dtype "
                 f"{self.spec.dtype}; cast the action or make the env with dtype={_dtype_name(dtype)!r}"
             )
 
