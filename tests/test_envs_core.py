@@ -368,3 +368,14 @@ def test_as_state_converts_between_backends_and_reports_missing_fields():
     Partial = namedtuple("Partial", ["xy"])
     with pytest.raises(ValueError, match=r"state lacks fields \['goal', 'urchins', 'xy_vel'\]"):
         env.as_state(Partial(xy=state.xy))
+
+
+@pytest.mark.slow
+def test_torch_compile_of_step_matches_eager():
+    import torch
+
+    env = gradgym.make("Pendulum", backend="torch")
+    state, action = env.reset(0, batch=64), torch.full((64, 1), 0.3)
+    compiled = torch.compile(env.step)
+    for got, expected in zip(compiled(state, action)[1:3], env.step(state, action)[1:3]):
+        torch.testing.assert_close(got, expected)
