@@ -44,7 +44,8 @@ class Backend:
     @property
     def dtype_name(self) -> str:
         """``"float32"`` or ``"float64"``."""
-        return str(self.dtype).rsplit(".", 1)[-1]
+        # numpy and jax dtypes are scalar types (str gives "<class 'numpy.float32'>").
+        return getattr(self.dtype, "__name__", None) or str(self.dtype).rsplit(".", 1)[-1]
 
     # ----------------------------------------------------------------- conversion
     def asarray(self, value: Any) -> Any:
