@@ -24,3 +24,27 @@ __all__ = [
     "registered",
     "to_numpy",
 ]
+
+# Beside the functional core: wrappers, videos, ivy interop and the Gymnasium adapter.
+# The adapter registers every env above as "gradgym/<Name>-v0" with Gymnasium; keep this
+# call after the last register() so that every family is included.
+from gradgym.envs.gym_adapter import GymEnv, gym_id, register_gymnasium_envs  # noqa: E402
+from gradgym.envs.ivy_interop import IvyEnv  # noqa: E402
+from gradgym.envs.video import render_rollout, write_gif, write_mp4, write_video  # noqa: E402
+from gradgym.envs.wrappers import TimeLimit, TimeLimitState, VecEnv  # noqa: E402
+
+register_gymnasium_envs()
+
+__all__ += [
+    "GymEnv",
+    "IvyEnv",
+    "TimeLimit",
+    "TimeLimitState",
+    "VecEnv",
+    "gym_id",
+    "register_gymnasium_envs",
+    "render_rollout",
+    "write_gif",
+    "write_mp4",
+    "write_video",
+]

@@ -18,8 +18,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from gradgym.envs.backends import Backend
 from gradgym.envs.core import Task
+from gradgym.envs.rendering import INK, CanvasRenderer, square_view
 
 
 class PendulumState(NamedTuple):
@@ -70,3 +73,33 @@ class Pendulum(Task):
 
     def reward(self, xp: Any, state: PendulumState) -> Any:
         return (xp.cos(state.angle) + 1.0) / 2.0
+
+    def make_renderer(self) -> PendulumRenderer:
+        return PendulumRenderer(self)
+
+
+class PendulumRenderer(CanvasRenderer):
+    """The rod swinging about its pivot; the bob is colored by the reward."""
+
+    def __init__(self, task: Pendulum):
+        self.length = task.length
+        super().__init__(square_view(1.35 * task.length))
+
+    def build(self, ax: Any) -> None:
+        from matplotlib.patches import Circle
+
+        # The bob's circle of motion, for orientation (static).
+        ax.add_patch(Circle((0.0, 0.0), self.length, fc="none", ec="#c8c8c0", lw=0.8, ls="--"))
+        self.rod = ax.plot([], [], color=INK, lw=3.0, solid_capstyle="round", animated=True)[0]
+        self.bob = Circle((0.0, self.length), 0.12 * self.length, ec=INK, lw=1.0, animated=True)
+        ax.add_patch(self.bob)
+        self.pivot = ax.plot([0.0], [0.0], "o", color=INK, ms=4.0, animated=True)[0]
+        self.animated += [self.rod, self.bob, self.pivot]
+
+    def update(self, state: PendulumState, reward: float, color: tuple[float, ...]) -> None:
+        # angle 0 points up; a positive angle leans to the right (+x), as in CartPole.
+        angle = float(state.angle)
+        tip = (self.length * np.sin(angle), self.length * np.cos(angle))
+        self.rod.set_data([0.0, tip[0]], [0.0, tip[1]])
+        self.bob.set_center(tip)
+        self.bob.set_facecolor(color)

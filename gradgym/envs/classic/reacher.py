@@ -18,8 +18,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from gradgym.envs.backends import Backend
 from gradgym.envs.core import Task
+from gradgym.envs.rendering import INK, CanvasRenderer, square_view
 
 
 class ReacherState(NamedTuple):
@@ -82,3 +85,40 @@ class Reacher(Task):
 
     def reward(self, xp: Any, state: ReacherState) -> Any:
         return xp.exp(-xp.sum((self.tip(xp, state) - state.goal) ** 2, axis=-1))
+
+    def make_renderer(self) -> ReacherRenderer:
+        return ReacherRenderer(self)
+
+
+class ReacherRenderer(CanvasRenderer):
+    """The n-link arm (unit links, absolute angles) and the goal; the arm is colored by the
+    reward. The dashed circle is the arm's reach (radius n)."""
+
+    def __init__(self, task: Reacher):
+        self.num_joints = task.num_joints
+        super().__init__(square_view(task.num_joints + 0.6))
+
+    def build(self, ax: Any) -> None:
+        from matplotlib.patches import Circle
+
+        n = self.num_joints
+        ax.add_patch(Circle((0.0, 0.0), n, fc="none", ec="#c8c8c0", lw=0.8, ls="--"))
+        link_width = float(np.clip(24.0 / (n + 0.6), 1.0, 6.0))
+        self.goal = ax.plot([], [], "o", ms=max(6.0, link_width * 2.2), mfc="none", mec="#1f5fa8",
+                            mew=1.6, animated=True)[0]
+        self.arm = ax.plot([], [], "-o", lw=link_width, ms=link_width * 0.9, mfc=INK,
+                           mec=INK, solid_capstyle="round", animated=True)[0]
+        self.base = ax.plot([0.0], [0.0], "s", color=INK, ms=link_width * 1.2,
+                            animated=True)[0]
+        self.animated += [self.goal, self.arm, self.base]
+
+    def update(self, state: ReacherState, reward: float, color: tuple[float, ...]) -> None:
+        angles = np.asarray(state.angles, dtype=np.float64)
+        joints_x = np.concatenate([[0.0], np.cumsum(np.cos(angles))])
+        joints_y = np.concatenate([[0.0], np.cumsum(np.sin(angles))])
+        self.arm.set_data(joints_x, joints_y)
+        self.arm.set_color(color)
+        self.arm.set_markeredgecolor(INK)
+        self.arm.set_markerfacecolor(INK)
+        goal = np.asarray(state.goal, dtype=np.float64)
+        self.goal.set_data([goal[0]], [goal[1]])

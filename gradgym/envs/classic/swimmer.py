@@ -17,8 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from gradgym.envs.backends import Backend
 from gradgym.envs.core import Task
+from gradgym.envs.rendering import INK, CanvasRenderer, View, page_center, square_view
 
 
 class SwimmerState(NamedTuple):
@@ -77,3 +80,58 @@ class Swimmer(Task):
         goal_term = xp.exp(-0.5 * xp.sum((state.xy - state.goal) ** 2, axis=-1))
         urchin_dist2 = xp.sum((state.xy[..., None, :] - state.urchins) ** 2, axis=-1)
         return goal_term * xp.prod(1.0 - xp.exp(-30.0 * urchin_dist2), axis=-1)
+
+    def make_renderer(self) -> SwimmerRenderer:
+        return SwimmerRenderer(self)
+
+
+class SwimmerRenderer(CanvasRenderer):
+    """The fish (heading along its velocity), the urchins and the goal; the fish is colored
+    by the reward. The window covers [-1.5, 1.5]^2 while the fish is in [-1, 1]^2 and is
+    shifted by multiples of 2 (per axis) to keep a fish outside that square in view.
+    """
+
+    half_width = 1.5
+    fish_length = 0.22
+    urchin_radius = 0.13  # where an urchin's factor 1 - exp(-30 d^2) reaches ~0.4
+
+    def __init__(self, task: Swimmer):
+        super().__init__(square_view(self.half_width))
+
+    def build(self, ax: Any) -> None:
+        from matplotlib.patches import Ellipse, Polygon
+
+        points_per_unit = self.size * 72.0 / 100.0 / (2 * self.half_width)
+        diameter = 2 * self.urchin_radius * points_per_unit
+        self.urchins = ax.scatter(np.zeros(0), np.zeros(0), s=diameter**2, marker=(12, 2, 0),
+                                  c="#5b2a86", linewidths=1.2, animated=True)
+        self.goal = ax.plot([], [], "*", ms=0.2 * points_per_unit, mfc="#d9a400", mec=INK,
+                            mew=0.8, animated=True)[0]
+        self.tail = Polygon(np.zeros((3, 2)), ec=INK, lw=0.8, animated=True)
+        self.body = Ellipse((0.0, 0.0), self.fish_length, 0.45 * self.fish_length, ec=INK,
+                            lw=0.8, animated=True)
+        for patch in (self.tail, self.body):
+            ax.add_patch(patch)
+        self.animated += [self.urchins, self.goal, self.tail, self.body]
+
+    def view(self, state: SwimmerState) -> View:
+        x, y = (page_center(float(v), step=2.0) for v in state.xy)
+        return square_view(self.half_width, (x, y))
+
+    def update(self, state: SwimmerState, reward: float, color: tuple[float, ...]) -> None:
+        xy = np.asarray(state.xy, dtype=np.float64)
+        vx, vy = (float(v) for v in state.xy_vel)
+        heading = np.arctan2(vy, vx)  # 0 (facing +x) while at rest
+        forward = np.array([np.cos(heading), np.sin(heading)])
+        side = np.array([-forward[1], forward[0]])
+        self.body.set_center(xy)
+        self.body.set_angle(np.degrees(heading))
+        self.body.set_facecolor(color)
+        tail_root = xy - 0.4 * self.fish_length * forward
+        tail_end = xy - 0.8 * self.fish_length * forward
+        spread = 0.22 * self.fish_length * side
+        self.tail.set_xy([tail_root, tail_end + spread, tail_end - spread])
+        self.tail.set_facecolor(color)
+        self.urchins.set_offsets(np.asarray(state.urchins, dtype=np.float64).reshape(-1, 2))
+        goal = np.asarray(state.goal, dtype=np.float64)
+        self.goal.set_data([goal[0]], [goal[1]])

@@ -1,0 +1,159 @@
+"""Gymnasium adapter: every registered gradgym env as a ``gymnasium.Env``.
+
+``import gradgym`` registers each env as ``gradgym/<Name>-v0`` (an env whose name already
+carries a version, such as ``HalfCheetah-v5``, keeps it: ``gradgym/HalfCheetah-v5``), with
+``max_episode_steps`` set to the env's horizon::
+
+    import gymnasium as gym
+    import gradgym  # noqa: F401  (registers the envs)
+
+    env = gym.make("gradgym/Reacher-v0", num_joints=3, render_mode="rgb_array")
+
+Without an explicit import, the ``module:id`` form of the id imports gradgym first:
+``gym.make("gradgym:gradgym/Reacher-v0")`` (handy in config files and command lines).
+
+The adapter is one stateful env (batch 1) on the numpy backend. It validates actions
+(shape, dtype, NaN/inf, bounds) before stepping -- the functional core never inspects
+values, so that its step path needs no host sync.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar, SupportsFloat
+
+import gymnasium
+import numpy as np
+from gymnasium import spaces
+
+from gradgym.envs.core import make, registered
+
+NAMESPACE = "gradgym"
+RENDER_MODES = ("rgb_array",)
+_VERSIONED = re.compile(r"-v\d+$")
+
+
+class GymEnv(gymnasium.Env):
+    """A gradgym env as a single ``gymnasium.Env`` (numpy backend, batch 1).
+
+    Observation space: ``Box(-inf, inf, (obs_dim,), float32)``; action space:
+    ``Box(-1, 1, (act_dim,), float32)``. ``terminated`` comes from the task (the classic
+    tasks never terminate); truncation is left to Gymnasium's ``TimeLimit``, which
+    ``gymnasium.make`` adds with ``max_episode_steps`` = the env's horizon.
+
+    Args:
+        name: a registered gradgym env (``gradgym envs`` lists them).
+        render_mode: ``None`` or ``"rgb_array"``.
+        dtype: the precision the dynamics run in (``"float32"`` or ``"float64"``);
+            observations are float32 either way.
+        **task_kwargs: task arguments, e.g. ``num_joints=3`` for Reacher.
+    """
+
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": list(RENDER_MODES), "render_fps": 30}
+
+    def __init__(self, name: str, render_mode: str | None = None, dtype: str = "float32",
+                 **task_kwargs: Any):
+        if render_mode is not None and render_mode not in RENDER_MODES:
+            raise ValueError(
+                f"render_mode {render_mode!r} is not supported; allowed: None, "
+                + ", ".join(repr(mode) for mode in RENDER_MODES)
+            )
+        self.env = make(name, backend="numpy", dtype=dtype, **task_kwargs)
+        self.render_mode = render_mode
+        spec = self.env.spec
+        # Videos (e.g. Gymnasium's RecordVideo) play in real time at 1 / dt frames per second.
+        self.metadata = {**self.metadata, "render_fps": max(1, round(1.0 / spec.dt))}  # type: ignore[misc]
+        self.observation_space = spaces.Box(-np.inf, np.inf, (spec.obs_dim,), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (spec.act_dim,), np.float32)
+        self._dtype = self.env.backend.dtype
+        self._state: Any = None
+
+    def reset(self, *, seed: int | None = None,
+              options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Start an episode; ``seed`` reseeds :attr:`np_random` (Gymnasium's convention)."""
+        super().reset(seed=seed)
+        self._state = self.env.reset(self.np_random, batch=1)
+        return self._observation(), {}
+
+    def step(self, action: Any) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
+        """Apply a validated ``[act_dim]`` action in [-1, 1]."""
+        if self._state is None:
+            raise RuntimeError(f"{self.env.spec.name}: step() called before reset()")
+        batched = self._validated(action).astype(self._dtype)[None, :]
+        self._state, _, reward, terminated = self.env.step(self._state, batched)
+        return self._observation(), float(reward[0]), bool(terminated[0]), False, {}
+
+    def render(self) -> np.ndarray | None:
+        """An ``H x W x 3`` uint8 frame when ``render_mode="rgb_array"``, else ``None``."""
+        if self.render_mode is None:
+            gymnasium.logger.warn(
+                "render() called without a render_mode; make the env with "
+                'render_mode="rgb_array" to get frames'
+            )
+            return None
+        if self._state is None:
+            raise RuntimeError(f"{self.env.spec.name}: render() called before reset()")
+        return self.env.render(self._state, 0)
+
+    def _observation(self) -> np.ndarray:
+        return np.asarray(self.env.observe(self._state)[0], dtype=np.float32)
+
+    def _validated(self, action: Any) -> np.ndarray:
+        """``action`` as a numpy array, or a clear error naming what is wrong."""
+        name, act_dim = self.env.spec.name, self.env.spec.act_dim
+        array = np.asarray(action)
+        if array.dtype.kind != "f":
+            raise TypeError(
+                f"{name}: action dtype {array.dtype} is not allowed; use a floating dtype "
+                f"(float32 or float64) array of shape ({act_dim},)"
+            )
+        if array.shape != (act_dim,):
+            raise ValueError(
+                f"{name}: action has shape {array.shape}, expected ({act_dim},) "
+                f"(one env; act_dim={act_dim})"
+            )
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{name}: action contains NaN or inf: {array.tolist()}")
+        outside = np.abs(array) > 1.0
+        if np.any(outside):
+            raise ValueError(
+                f"{name}: action values {array[outside].tolist()} at indices "
+                f"{np.flatnonzero(outside).tolist()} are outside the allowed range [-1, 1]"
+            )
+        return array
+
+
+def gym_id(name: str) -> str:
+    """The Gymnasium id of gradgym env ``name``: ``gradgym/<name>-v0`` or, when the name
+    already ends in a version (``HalfCheetah-v5``), ``gradgym/<name>``."""
+    return f"{NAMESPACE}/{name}" if _VERSIONED.search(name) else f"{NAMESPACE}/{name}-v0"
+
+
+def register_gymnasium_envs() -> list[str]:
+    """Register every gradgym env that runs on numpy with Gymnasium; returns the new ids.
+
+    Idempotent: ids already in Gymnasium's registry are left as they are, so it can be
+    called again after more envs are registered with gradgym.
+    """
+    added = []
+    for name, entry in registered().items():
+        env_id = gym_id(name)
+        if "numpy" not in entry.backends or env_id in gymnasium.registry:
+            continue
+        gymnasium.register(
+            id=env_id,
+            entry_point=f"{__name__}:GymEnv",
+            kwargs={"name": name},
+            max_episode_steps=_horizon(entry.factory),
+        )
+        added.append(env_id)
+    return added
+
+
+def _horizon(factory: Any) -> int:
+    # Tasks declare the horizon as a class attribute: read it without building the task
+    # (a MuJoCo task loads its model when built).
+    horizon = getattr(factory, "horizon", None)
+    if isinstance(horizon, int):
+        return horizon
+    return int(factory().horizon)
