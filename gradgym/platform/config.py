@@ -1,0 +1,456 @@
+"""Run and sweep configurations: omegaconf structured configs, validated before any work.
+
+A run config is composed from *layers* — a base YAML (``configs/run.yaml``), a sweep's
+``overrides``, one trial's grid values, command-line ``key=value`` items — each a mapping of
+(possibly dotted) run-config keys. ``pipeline=<name>`` (``trajectory``, ``policy``, ``cem``)
+selects the schema of the ``pipeline`` node, then every layer is merged on top of it::
+
+    cfg = compose_run_config(["pipeline=trajectory", "env=Pendulum", "pipeline.iters=200"])
+
+Anything invalid — an unknown key, a value of the wrong type, an unknown env, backend or
+pipeline, a task argument the env does not take, a gradient pipeline on numpy — raises
+:class:`ConfigError` naming the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from gradgym.envs import DTYPES, make, registered
+from gradgym.pipelines.config import PIPELINE_CONFIGS, validate_config
+
+# Pipelines that differentiate through the env, and the backends that can do it.
+GRADIENT_PIPELINES = ("trajectory", "policy")
+AUTODIFF_BACKENDS = ("jax", "torch")
+# Backends the pipelines run on (ivy is an interop boundary of the envs, not a pipeline backend).
+PIPELINE_BACKENDS = ("numpy",) + AUTODIFF_BACKENDS
+DEFAULT_PIPELINE = "trajectory"
+
+# The repository's configs/ folder (present in a source checkout or an editable install).
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class ConfigError(ValueError):
+    """An invalid run or sweep configuration; the message names the key and what is allowed."""
+
+
+# ---------------------------------------------------------------------- schemas
+
+@dataclass
+class TrackingConfig:
+    """Where and how a run is logged to MLflow."""
+
+    enabled: bool = True
+    # None: $MLFLOW_TRACKING_URI if set, else the embedded store sqlite:///mlflow.db in the
+    # working directory.
+    uri: Optional[str] = None
+    experiment: str = "gradgym"
+    flush_every_s: float = 1.0  # buffered metrics go out in one log_batch this often
+    outage_limit_s: float = 300.0  # how long the tracking server may stay unreachable
+    request_timeout_s: float = 10.0  # per HTTP request to a tracking server
+
+
+@dataclass
+class TestingConfig:
+    """Fault-injection switches for tests; leave them off in real runs."""
+
+    crash_on_first_attempt: bool = False  # raise halfway through the first attempt of a run
+    iteration_delay_s: float = 0.0  # sleep after every iteration (stretches a run)
+
+
+@dataclass
+class RunConfig:
+    """One pipeline run on one env, backend and seed (``gradgym run``, or one sweep trial)."""
+
+    env: str = "Pendulum"
+    backend: str = "torch"
+    dtype: str = "float32"
+    seed: int = 0
+    # The selected pipeline's config (TrajectoryConfig, PolicyConfig or CEMConfig).
+    pipeline: Any = None
+    env_kwargs: dict[str, Any] = field(default_factory=dict)  # task arguments, e.g. num_joints
+    run_dir: Optional[str] = None  # None: runs/<pipeline>-<env>-<backend>-s<seed>-<time>
+    torch_threads: int = 1  # torch intra-op threads; one trial per CPU wants 1
+    progress: bool = True  # progress bar on the terminal
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    testing: TestingConfig = field(default_factory=TestingConfig)
+
+
+@dataclass
+class AshaConfig:
+    """ASHA early stopping (Ray Tune's ASHAScheduler) over the reported iterations."""
+
+    metric: str = "return_mean"
+    mode: str = "max"
+    grace_period: int = 10  # iterations before a trial can be stopped
+    reduction_factor: int = 3
+
+
+@dataclass
+class SweepConfig:
+    """A sweep file: the trials are the product of ``grid`` (times ``num_samples`` draws of
+    ``search``), each one run config composed from ``overrides`` and its own values."""
+
+    name: str = "sweep"
+    overrides: dict[str, Any] = field(default_factory=dict)  # run-config keys for every trial
+    grid: dict[str, Any] = field(default_factory=dict)  # run-config key -> list of values
+    # run-config key -> {distribution: args}: uniform/loguniform/randint [low, high], choice [..]
+    search: dict[str, Any] = field(default_factory=dict)
+    num_samples: int = 1  # draws of the search space per grid point
+    scheduler: str = "fifo"  # fifo | asha
+    asha: AshaConfig = field(default_factory=AshaConfig)
+    max_failures: int = 2  # retries of a crashed trial
+    max_concurrent: int = 0  # 0: as many as the CPUs allow
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    num_cpus: Optional[int] = None  # CPUs of a local Ray (None: all); ignored with RAY_ADDRESS
+    storage: str = "sweeps"  # folder of the sweeps' state and trial folders
+    experiment: Optional[str] = None  # MLflow experiment; None: the sweep's name
+    tune_report_every_s: float = 1.0  # how often a trial reports its progress to Tune
+
+
+SCHEDULERS = ("fifo", "asha")
+SEARCH_DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
+MODES = ("max", "min")
+
+
+# ---------------------------------------------------------------------- layers
+
+Layer = Mapping[str, Any] | Sequence[str] | DictConfig
+
+
+def parse_dotlist(items: Iterable[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[0,1]"]`` -> ``{"a.b": 1, "c": [0, 1]}`` (values parsed as YAML)."""
+    items = list(items)
+    for item in items:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"expected key=value, got {item!r} (e.g. pipeline.iters=200)")
+    flat: dict[str, Any] = {}
+    for item in items:
+        # One item at a time: "pipeline=cem" and "pipeline.iters=5" must both survive.
+        try:
+            flat.update(flatten(OmegaConf.to_container(OmegaConf.from_dotlist([item]))))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"cannot parse {item!r}: {err}") from None
+    return flat
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> one mapping of dotted keys (lists and scalars are leaves)."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, (Mapping, DictConfig)) and value:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _as_flat(layer: Layer) -> dict[str, Any]:
+    if isinstance(layer, DictConfig):
+        layer = OmegaConf.to_container(layer, resolve=True)
+    if isinstance(layer, Mapping):
+        return flatten(layer)
+    if isinstance(layer, (str, bytes)):
+        raise TypeError(f"a layer is a mapping or a list of key=value items, got {layer!r}")
+    return parse_dotlist(layer)
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        node = nested
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[leaf] = value
+    return nested
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file as a plain mapping (``ConfigError`` if missing or not a mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        content = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as err:  # YAML syntax errors come in several types
+        raise ConfigError(f"cannot read {str(path)!r}: {err}") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"{str(path)!r} must hold a mapping of config keys, got {content!r}")
+    return content
+
+
+def default_run_layers() -> list[dict[str, Any]]:
+    """The base layer of ``gradgym run``: ``configs/run.yaml`` when the checkout has it."""
+    base = CONFIGS_DIR / "run.yaml"
+    return [load_yaml(base)] if base.is_file() else []
+
+
+# ---------------------------------------------------------------------- run config
+
+def compose_run_config(*layers: Layer) -> DictConfig:
+    """Merge ``layers`` (later ones win) onto the schema of the selected pipeline, validated.
+
+    Returns:
+        A read-only ``DictConfig`` of :class:`RunConfig`.
+
+    Raises:
+        ConfigError: an unknown key, a wrong type or an invalid value (see the module doc).
+    """
+    flat_layers = [_as_flat(layer) for layer in layers]
+    name = _selected_pipeline(flat_layers)
+    cfg = OmegaConf.structured(RunConfig(pipeline=PIPELINE_CONFIGS[name]()))
+    for flat in flat_layers:
+        flat = {("pipeline.name" if k == "pipeline" else k): v for k, v in flat.items()}
+        cfg = _merge(cfg, _nest(flat))
+    validate_run_config(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _selected_pipeline(flat_layers: list[dict[str, Any]]) -> str:
+    name = DEFAULT_PIPELINE
+    for flat in flat_layers:
+        for key in ("pipeline", "pipeline.name"):
+            if key in flat:
+                name = flat[key]
+    if name not in PIPELINE_CONFIGS:
+        raise ConfigError(_bad_value("pipeline", name, PIPELINE_CONFIGS))
+    return name
+
+
+def _merge(cfg: DictConfig, nested: dict[str, Any]) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, nested)
+    except ConfigKeyError as err:
+        raise ConfigError(_unknown_key_message(cfg, err.full_key)) from None
+    except ValidationError as err:
+        raise ConfigError(
+            f"invalid value {err.value!r} for {err.full_key!r}: expected "
+            f"{_expected_type(cfg, err.full_key)}"
+        ) from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid config: {err}") from None
+
+
+def _unknown_key_message(cfg: DictConfig, full_key: str) -> str:
+    parent_key, _, leaf = full_key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    allowed = list(parent.keys()) if isinstance(parent, DictConfig) else []
+    where = f" of {parent_key!r}" if parent_key else ""
+    if parent_key == "pipeline":
+        names = {schema: name for name, schema in PIPELINE_CONFIGS.items()}
+        where = f" of the {names.get(OmegaConf.get_type(parent), '?')!r} pipeline"
+    close = difflib.get_close_matches(leaf, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {full_key!r}{hint}; allowed keys{where}: {', '.join(allowed)}"
+
+
+def _expected_type(cfg: DictConfig, full_key: str) -> str:
+    parent_key, _, leaf = full_key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    schema = OmegaConf.get_type(parent)
+    if is_dataclass(schema):
+        for f in fields(schema):
+            if f.name == leaf:
+                return str(f.type).replace("typing.", "")
+    return "a value of the schema's type"
+
+
+def _bad_value(key: str, value: Any, allowed: Iterable[Any]) -> str:
+    allowed = [str(a) for a in allowed]
+    close = difflib.get_close_matches(str(value), allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"invalid value {value!r} for {key!r}{hint}; allowed: {', '.join(allowed)}"
+
+
+def validate_run_config(cfg: DictConfig) -> None:
+    """Check the values a schema cannot express (env, backend, task arguments, ranges)."""
+    envs = registered()
+    if cfg.env not in envs:
+        raise ConfigError(_bad_value("env", cfg.env, sorted(envs)))
+    entry = envs[cfg.env]
+    backends = [b for b in entry.backends if b in PIPELINE_BACKENDS]
+    if cfg.backend not in backends:
+        raise ConfigError(_bad_value("backend", cfg.backend, backends))
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(_bad_value("dtype", cfg.dtype, DTYPES))
+    name = cfg.pipeline.name
+    if name in GRADIENT_PIPELINES and cfg.backend not in AUTODIFF_BACKENDS:
+        raise ConfigError(
+            f"invalid value {cfg.backend!r} for 'backend': the {name!r} pipeline needs gradients; "
+            f"allowed: {', '.join(AUTODIFF_BACKENDS)} (or pipeline=cem, which runs on every backend)"
+        )
+    _check_pipeline_values(cfg)
+    _check_env_kwargs(cfg)
+    for key in ("torch_threads",):
+        if cfg[key] < 1:
+            raise ConfigError(f"invalid value {cfg[key]!r} for {key!r}; allowed: an int >= 1")
+    for key in ("flush_every_s", "outage_limit_s", "request_timeout_s"):
+        if not cfg.tracking[key] > 0:
+            raise ConfigError(f"invalid value {cfg.tracking[key]!r} for 'tracking.{key}'; allowed: > 0")
+
+
+def _check_pipeline_values(cfg: DictConfig) -> None:
+    try:
+        validate_config(cfg.pipeline, cfg.pipeline.name)
+    except ValueError as err:
+        # The pipelines name fields "<pipeline>.<field>"; users write "pipeline.<field>".
+        raise ConfigError(str(err).replace(f"{cfg.pipeline.name}.", "pipeline.", 1)) from None
+
+
+def _check_env_kwargs(cfg: DictConfig) -> None:
+    # make() checks the argument names and ranges; a numpy env is cheap and imports nothing.
+    backend = "numpy" if "numpy" in registered()[cfg.env].backends else cfg.backend
+    try:
+        make(cfg.env, backend=backend, dtype=cfg.dtype, **OmegaConf.to_container(cfg.env_kwargs))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid 'env_kwargs' for {cfg.env}: {err}") from None
+
+
+def run_config_to_dict(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain Python containers."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def flat_params(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config flattened to dotted keys (MLflow params)."""
+    return {key: str(value) for key, value in flatten(run_config_to_dict(cfg)).items()}
+
+
+# ---------------------------------------------------------------------- sweep config
+
+def load_sweep_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """A sweep file merged with ``key=value`` overrides (``grid.seed=[0,1,2]``), validated.
+
+    Every trial's run config is composed here too, so a bad key or value in any trial fails
+    before Ray starts.
+    """
+    content = load_yaml(path) if path is not None else {}
+    cfg = OmegaConf.structured(SweepConfig)
+    cfg = _merge_sweep(cfg, content)
+    cfg = _merge_sweep(cfg, _nest(parse_dotlist(overrides)))
+    validate_sweep_config(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _merge_sweep(cfg: DictConfig, content: Mapping[str, Any]) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, content)
+    except ConfigKeyError as err:
+        raise ConfigError(_unknown_key_message(cfg, err.full_key).replace("allowed keys", "allowed sweep keys")) from None
+    except ValidationError as err:
+        raise ConfigError(
+            f"invalid value {err.value!r} for sweep key {err.full_key!r}: expected "
+            f"{_expected_type(cfg, err.full_key)}"
+        ) from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid sweep config: {err}") from None
+
+
+def grid_axes(cfg: DictConfig) -> dict[str, list[Any]]:
+    """The grid as run-config key -> list of values (nested grid mappings flattened)."""
+    axes = flatten(OmegaConf.to_container(cfg.grid, resolve=True))
+    for key, values in axes.items():
+        if not isinstance(values, list):
+            raise ConfigError(f"grid.{key} must be a list of values, got {values!r}")
+        if not values:
+            raise ConfigError(f"grid.{key} is empty; give at least one value (e.g. grid.{key}=[...])")
+    return axes
+
+
+def search_space(cfg: DictConfig) -> dict[str, tuple[str, list[Any]]]:
+    """The random-search space as run-config key -> (distribution, arguments)."""
+    space: dict[str, tuple[str, list[Any]]] = {}
+
+    def visit(node: Mapping[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            if not isinstance(value, Mapping) or not value:
+                raise ConfigError(
+                    f"search.{dotted} must be {{distribution: arguments}}, got {value!r}; "
+                    f"distributions: {', '.join(SEARCH_DISTRIBUTIONS)}"
+                )
+            if set(value) & set(SEARCH_DISTRIBUTIONS):
+                space[dotted] = _distribution(dotted, value)
+            else:
+                visit(value, dotted + ".")
+
+    visit(OmegaConf.to_container(cfg.search, resolve=True), "")
+    return space
+
+
+def _distribution(key: str, spec: Mapping[str, Any]) -> tuple[str, list[Any]]:
+    if len(spec) != 1:
+        raise ConfigError(f"search.{key} must name exactly one distribution, got {sorted(spec)}")
+    (kind, args), = spec.items()
+    if kind not in SEARCH_DISTRIBUTIONS:
+        raise ConfigError(_bad_value(f"search.{key}", kind, SEARCH_DISTRIBUTIONS))
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"search.{key}.choice must be a non-empty list, got {args!r}")
+    elif not (isinstance(args, list) and len(args) == 2 and args[0] < args[1]):
+        raise ConfigError(f"search.{key}.{kind} must be [low, high] with low < high, got {args!r}")
+    elif kind == "loguniform" and args[0] <= 0:
+        raise ConfigError(f"search.{key}.loguniform needs low > 0, got {args!r}")
+    return kind, list(args)
+
+
+def trial_layers(cfg: DictConfig) -> list[dict[str, Any]]:
+    """One mapping of run-config keys per grid point (before search-space draws)."""
+    axes = grid_axes(cfg)
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
+
+
+def _representative_draw(space: dict[str, tuple[str, list[Any]]]) -> dict[str, Any]:
+    # For validation: one value of each distribution (its low end or first choice).
+    return {key: (args[0] if kind != "randint" else int(args[0])) for key, (kind, args) in space.items()}
+
+
+def validate_sweep_config(cfg: DictConfig) -> None:
+    """Check the sweep's own keys and compose the run config of every trial."""
+    if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
+        raise ConfigError(f"invalid value {cfg.name!r} for 'name'; allowed: a folder name (no '/')")
+    if cfg.scheduler not in SCHEDULERS:
+        raise ConfigError(_bad_value("scheduler", cfg.scheduler, SCHEDULERS))
+    if cfg.asha.mode not in MODES:
+        raise ConfigError(_bad_value("asha.mode", cfg.asha.mode, MODES))
+    for key in ("num_samples", "asha.grace_period", "asha.reduction_factor"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"invalid value {OmegaConf.select(cfg, key)!r} for {key!r}; allowed: an int >= 1")
+    if cfg.max_failures < 0 or cfg.max_concurrent < 0:
+        raise ConfigError("max_failures and max_concurrent must be >= 0")
+    if not cfg.cpus_per_trial > 0 or cfg.gpus_per_trial < 0:
+        raise ConfigError(
+            f"invalid resources cpus_per_trial={cfg.cpus_per_trial}, gpus_per_trial={cfg.gpus_per_trial}; "
+            "allowed: cpus_per_trial > 0, gpus_per_trial >= 0"
+        )
+    space = search_space(cfg)
+    draw = _representative_draw(space)
+    base = flatten(OmegaConf.to_container(cfg.overrides, resolve=True))
+    for layer in trial_layers(cfg):
+        try:
+            compose_run_config(base, layer, draw)
+        except ConfigError as err:
+            where = ", ".join(f"{k}={v}" for k, v in layer.items()) or "every trial"
+            raise ConfigError(f"sweep {cfg.name!r}, trial {where}: {err}") from None
+    if cfg.scheduler == "asha":
+        from gradgym.pipelines.base import EVAL_METRIC, ITERATION_METRICS
+
+        allowed = ITERATION_METRICS + (EVAL_METRIC,)
+        if cfg.asha.metric not in allowed:
+            raise ConfigError(_bad_value("asha.metric", cfg.asha.metric, allowed))

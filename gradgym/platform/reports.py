@@ -1,0 +1,120 @@
+"""Plots and tables of runs and sweeps (matplotlib's object API: no pyplot global state).
+
+- :func:`gradient_histogram`: one PNG per reported gradient of a run;
+- :func:`backend_comparison`: a sweep's return vs iteration (mean ± std over seeds, one
+  line per backend, one column per env) and time per iteration per backend;
+- :func:`summary_table`: one CSV row per trial.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+# Columns of the summary table that come first, in this order; then the swept keys.
+SUMMARY_COLUMNS = (
+    "trial", "status", "env", "backend", "pipeline", "seed", "iterations", "final_return",
+    "best_return", "compile_time_s", "wall_time_s", "mean_iter_time_s", "mlflow_run_id", "error",
+)
+
+
+def gradient_histogram(gradients: np.ndarray, step: int, path: Path) -> Path:
+    """A histogram of a flat gradient (log counts) with its size and non-finite count."""
+    from matplotlib.figure import Figure
+
+    values = np.asarray(gradients, dtype=np.float64).ravel()
+    finite = values[np.isfinite(values)]
+    fig = Figure(figsize=(5, 3.2), layout="constrained")
+    ax = fig.subplots()
+    ax.hist(finite, bins=60, log=True, color="tab:blue")
+    ax.set_xlabel("gradient value")
+    ax.set_ylabel("count")
+    ax.set_title(
+        f"iteration {step}: {values.size} values, max |g| "
+        f"{np.max(np.abs(finite)) if finite.size else float('nan'):.3g}, "
+        f"{values.size - finite.size} non-finite",
+        fontsize=9,
+    )
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def backend_comparison(trials: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path:
+    """Compare backends across a sweep's trials and save the figure to ``path``.
+
+    Args:
+        trials: one mapping per finished trial with ``env``, ``backend``, ``label`` (the line
+            it belongs to: its backend plus any swept key other than env and seed) and
+            ``history`` (the iteration records of ``metrics.jsonl``).
+        path: where to write the PNG.
+
+    Top row, per env: mean return vs iteration, mean ± std over the trials of a line
+    (seeds). Bottom row, per env: mean time per iteration of each line, with its std.
+    """
+    from matplotlib.figure import Figure
+
+    envs = sorted({trial["env"] for trial in trials})
+    fig = Figure(figsize=(4.5 * max(len(envs), 1), 7), layout="constrained")
+    axes = fig.subplots(2, max(len(envs), 1), squeeze=False)
+    for column, env in enumerate(envs):
+        lines = _group(trial for trial in trials if trial["env"] == env)
+        ax_return, ax_time = axes[0][column], axes[1][column]
+        names, times, spreads = [], [], []
+        for label, members in sorted(lines.items()):
+            returns = _aligned([m["history"] for m in members], "return_mean")
+            if returns is not None:
+                mean, std = returns.mean(axis=0), returns.std(axis=0)
+                steps = np.arange(mean.size)
+                ax_return.plot(steps, mean, label=f"{label} (n={len(members)})")
+                ax_return.fill_between(steps, mean - std, mean + std, alpha=0.25)
+            per_trial = [np.mean([h["iter_time_s"] for h in m["history"]]) * 1e3
+                         for m in members if m["history"]]
+            if per_trial:
+                names.append(label)
+                times.append(np.mean(per_trial))
+                spreads.append(np.std(per_trial))
+        ax_return.set_title(f"{env}: return vs iteration (mean ± std over seeds)", fontsize=9)
+        ax_return.set_xlabel("iteration")
+        ax_return.set_ylabel("return_mean")
+        if lines:
+            ax_return.legend(fontsize=8)
+        ax_time.bar(names, times, yerr=spreads, color="tab:orange", capsize=3)
+        ax_time.set_title(f"{env}: time per iteration", fontsize=9)
+        ax_time.set_ylabel("ms / iteration")
+        ax_time.tick_params(axis="x", labelsize=8, rotation=20)
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def _group(trials: Any) -> dict[str, list[Mapping[str, Any]]]:
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for trial in trials:
+        groups.setdefault(trial["label"], []).append(trial)
+    return groups
+
+
+def _aligned(histories: Sequence[Sequence[Mapping[str, Any]]], key: str) -> np.ndarray | None:
+    """``[n_trials, n_iters]`` of ``key``, cut to the shortest history (ASHA stops early)."""
+    series = [[h[key] for h in history if key in h] for history in histories]
+    series = [s for s in series if s]
+    if not series:
+        return None
+    length = min(len(s) for s in series)
+    return np.array([s[:length] for s in series], dtype=np.float64)
+
+
+def summary_table(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Write one CSV row per trial (the known columns first, then any others, sorted)."""
+    extra = sorted({key for row in rows for key in row} - set(SUMMARY_COLUMNS))
+    columns = [c for c in SUMMARY_COLUMNS if any(c in row for row in rows)] + extra
+    with Path(path).open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: row.get(key, "") for key in columns})
+    return path
