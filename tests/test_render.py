@@ -180,9 +180,11 @@ def test_mp4_pads_odd_frame_sizes(tmp_path):
 @pytest.mark.parametrize(
     ("path", "frames", "fps", "error", "match"),
     [
-        ("video.avi", [np.zeros((8, 8, 3), np.uint8)], 30, ValueError, "allowed suffixes: .gif, .mp4"),
+        ("video.avi", [np.zeros((8, 8, 3), np.uint8)], 30, ValueError,
+         "allowed suffixes: .gif, .mp4"),
         ("video", [np.zeros((8, 8, 3), np.uint8)], 30, ValueError, "no suffix"),
-        ("missing/video.gif", [np.zeros((8, 8, 3), np.uint8)], 30, FileNotFoundError, "does not exist"),
+        ("missing/video.gif", [np.zeros((8, 8, 3), np.uint8)], 30, FileNotFoundError,
+         "does not exist"),
         ("video.gif", [], 30, ValueError, "frames is empty"),
         ("video.mp4", [], 30, ValueError, "frames is empty"),
         ("video.gif", [np.zeros((8, 8), np.uint8)], 30, ValueError, "H x W x 3 uint8"),
