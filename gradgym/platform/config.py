@@ -332,16 +332,34 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
 
 # ---------------------------------------------------------------------- sweep config
 
+SWEEP_SECTIONS = ("overrides", "grid", "search")  # mappings keyed by run-config keys
+
+
 def load_sweep_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
     """A sweep file merged with ``key=value`` overrides (``grid.seed=[0,1,2]``), validated.
 
-    Every trial's run config is composed here too, so a bad key or value in any trial fails
-    before Ray starts.
+    ``overrides``, ``grid`` and ``search`` are stored flat, keyed by dotted run-config keys
+    (``pipeline.iters``), whether the file nests them or not, so that a command-line
+    ``overrides.pipeline.iters=20`` replaces the file's value. Every trial's run config is
+    composed here too: a bad key or value in any trial fails before Ray starts.
     """
     content = load_yaml(path) if path is not None else {}
+    for section in SWEEP_SECTIONS:
+        if section in content:
+            if not isinstance(content[section], Mapping):
+                raise ConfigError(f"{section!r} must be a mapping of run-config keys, got {content[section]!r}")
+            content[section] = flatten(content[section])
+    command_line: dict[str, Any] = {section: {} for section in SWEEP_SECTIONS}
+    others: dict[str, Any] = {}
+    for key, value in parse_dotlist(overrides).items():
+        section, _, rest = key.partition(".")
+        if section in SWEEP_SECTIONS and rest:
+            command_line[section][rest] = value
+        else:
+            others[key] = value
     cfg = OmegaConf.structured(SweepConfig)
-    cfg = _merge_sweep(cfg, content)
-    cfg = _merge_sweep(cfg, _nest(parse_dotlist(overrides)))
+    for layer in (content, command_line, _nest(others)):
+        cfg = _merge_sweep(cfg, layer)
     validate_sweep_config(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -351,7 +369,10 @@ def _merge_sweep(cfg: DictConfig, content: Mapping[str, Any]) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, content)
     except ConfigKeyError as err:
-        raise ConfigError(_unknown_key_message(cfg, err.full_key).replace("allowed keys", "allowed sweep keys")) from None
+        message = _unknown_key_message(cfg, err.full_key).replace("allowed keys", "allowed sweep keys")
+        if err.full_key.split(".")[0] in {f.name for f in fields(RunConfig)}:
+            message += f"; run-config keys go under overrides (overrides.{err.full_key}=...) or grid"
+        raise ConfigError(message) from None
     except ValidationError as err:
         raise ConfigError(
             f"invalid value {err.value!r} for sweep key {err.full_key!r}: expected "
@@ -362,8 +383,8 @@ def _merge_sweep(cfg: DictConfig, content: Mapping[str, Any]) -> DictConfig:
 
 
 def grid_axes(cfg: DictConfig) -> dict[str, list[Any]]:
-    """The grid as run-config key -> list of values (nested grid mappings flattened)."""
-    axes = flatten(OmegaConf.to_container(cfg.grid, resolve=True))
+    """The grid as run-config key -> list of values."""
+    axes = dict(OmegaConf.to_container(cfg.grid, resolve=True))
     for key, values in axes.items():
         if not isinstance(values, list):
             raise ConfigError(f"grid.{key} must be a list of values, got {values!r}")
@@ -373,32 +394,26 @@ def grid_axes(cfg: DictConfig) -> dict[str, list[Any]]:
 
 
 def search_space(cfg: DictConfig) -> dict[str, tuple[str, list[Any]]]:
-    """The random-search space as run-config key -> (distribution, arguments)."""
+    """The random-search space as run-config key -> (distribution, arguments).
+
+    Written ``search: {pipeline.lr: {loguniform: [1e-3, 1e-1]}}`` (or
+    ``search.pipeline.lr.loguniform=[1e-3,1e-1]``): the last part names the distribution.
+    """
     space: dict[str, tuple[str, list[Any]]] = {}
-
-    def visit(node: Mapping[str, Any], prefix: str) -> None:
-        for key, value in node.items():
-            dotted = f"{prefix}{key}"
-            if not isinstance(value, Mapping) or not value:
-                raise ConfigError(
-                    f"search.{dotted} must be {{distribution: arguments}}, got {value!r}; "
-                    f"distributions: {', '.join(SEARCH_DISTRIBUTIONS)}"
-                )
-            if set(value) & set(SEARCH_DISTRIBUTIONS):
-                space[dotted] = _distribution(dotted, value)
-            else:
-                visit(value, dotted + ".")
-
-    visit(OmegaConf.to_container(cfg.search, resolve=True), "")
+    for dotted, args in OmegaConf.to_container(cfg.search, resolve=True).items():
+        key, _, kind = dotted.rpartition(".")
+        if not key or kind not in SEARCH_DISTRIBUTIONS:
+            raise ConfigError(
+                f"search.{dotted}: expected search.<run-config key>.<distribution>; "
+                f"distributions: {', '.join(SEARCH_DISTRIBUTIONS)}"
+            )
+        if key in space:
+            raise ConfigError(f"search.{key} names two distributions; give one")
+        space[key] = _distribution(key, kind, args)
     return space
 
 
-def _distribution(key: str, spec: Mapping[str, Any]) -> tuple[str, list[Any]]:
-    if len(spec) != 1:
-        raise ConfigError(f"search.{key} must name exactly one distribution, got {sorted(spec)}")
-    (kind, args), = spec.items()
-    if kind not in SEARCH_DISTRIBUTIONS:
-        raise ConfigError(_bad_value(f"search.{key}", kind, SEARCH_DISTRIBUTIONS))
+def _distribution(key: str, kind: str, args: Any) -> tuple[str, list[Any]]:
     if kind == "choice":
         if not isinstance(args, list) or not args:
             raise ConfigError(f"search.{key}.choice must be a non-empty list, got {args!r}")

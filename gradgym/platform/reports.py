@@ -62,26 +62,28 @@ def backend_comparison(trials: Sequence[Mapping[str, Any]], path: Path, title: s
     for column, env in enumerate(envs):
         lines = _group(trial for trial in trials if trial["env"] == env)
         ax_return, ax_time = axes[0][column], axes[1][column]
-        names, times, spreads = [], [], []
-        for label, members in sorted(lines.items()):
+        names, times, spreads, colors = [], [], [], []
+        for index, (label, members) in enumerate(sorted(lines.items())):
+            color = f"C{index % 10}"  # the same color for a line and its bar
             returns = _aligned([m["history"] for m in members], "return_mean")
             if returns is not None:
                 mean, std = returns.mean(axis=0), returns.std(axis=0)
                 steps = np.arange(mean.size)
-                ax_return.plot(steps, mean, label=f"{label} (n={len(members)})")
-                ax_return.fill_between(steps, mean - std, mean + std, alpha=0.25)
+                ax_return.plot(steps, mean, color=color, label=f"{label} (n={len(members)})")
+                ax_return.fill_between(steps, mean - std, mean + std, color=color, alpha=0.25)
             per_trial = [np.mean([h["iter_time_s"] for h in m["history"]]) * 1e3
                          for m in members if m["history"]]
             if per_trial:
                 names.append(label)
                 times.append(np.mean(per_trial))
                 spreads.append(np.std(per_trial))
+                colors.append(color)
         ax_return.set_title(f"{env}: return vs iteration (mean ± std over seeds)", fontsize=9)
         ax_return.set_xlabel("iteration")
         ax_return.set_ylabel("return_mean")
         if lines:
             ax_return.legend(fontsize=8)
-        ax_time.bar(names, times, yerr=spreads, color="tab:orange", capsize=3)
+        ax_time.bar(names, times, yerr=spreads, color=colors, capsize=3)
         ax_time.set_title(f"{env}: time per iteration", fontsize=9)
         ax_time.set_ylabel("ms / iteration")
         ax_time.tick_params(axis="x", labelsize=8, rotation=20)

@@ -126,7 +126,7 @@ class MetricLog:
         self.path = path
         self.entries: list[dict[str, Any]] = []
         if path.exists():
-            self.entries = _read_jsonl(path)
+            self.entries = read_jsonl(path)
             # Rewrite without a torn last line, so that appends start on a fresh line.
             _write_jsonl(path, self.entries)
         self.steps = {entry["iteration"] for entry in self.entries}
@@ -144,7 +144,8 @@ class MetricLog:
         return True
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file, up to a torn last line (if any)."""
     entries = []
     for line in path.read_text().splitlines():
         try:

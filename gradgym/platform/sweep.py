@@ -1,0 +1,435 @@
+"""Sweeps on Ray Tune: every trial is one run (env, backend, seed, hyperparameters).
+
+A sweep lives in ``<storage>/<name>/``::
+
+    sweep.yaml       the resolved sweep config (what --resume runs again)
+    parent.json      the MLflow parent run of the sweep
+    tune/            Ray Tune's experiment state (Tuner.restore resumes from it)
+    trials/<id>/     one run folder per trial (see gradgym.platform.runner)
+    summary.csv      one row per trial
+    comparison.png   backends compared: return vs iteration, time per iteration
+
+Ray: with ``RAY_ADDRESS`` set the sweep runs on that cluster unchanged; otherwise on a local
+Ray bound to 127.0.0.1. Trials are idempotent: a trial whose folder already holds a
+finished run reports that run instead of running again, and a retried or resumed trial
+continues its MLflow run without logging any iteration twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from gradgym.platform.config import (
+    ConfigError,
+    flatten,
+    grid_axes,
+    load_sweep_config,
+    search_space,
+)
+from gradgym.platform.tracking import (
+    METRICS_FILE,
+    STATE_FILE,
+    configure_http,
+    ensure_experiment,
+    is_transient,
+    read_jsonl,
+    resolve_tracking_uri,
+    tracking_client,
+    write_json,
+)
+
+SWEEP_FILE = "sweep.yaml"
+PARENT_FILE = "parent.json"
+TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+# Keys every trial's label leaves out: they are the plot's columns, lines and spread.
+_NOT_IN_LABEL = ("env", "backend", "seed")
+# Local Ray: Tune passes only small results around, a big object store is wasted memory.
+LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
+# Jax (XLA) in a trial: one thread per trial, like torch_threads.
+TRIAL_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+class SweepFailed(RuntimeError):
+    """The sweep could not start or finish (not: some trials failed)."""
+
+
+@dataclass
+class SweepOutcome:
+    """What a finished sweep produced."""
+
+    name: str
+    sweep_dir: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per trial
+    parent_run_id: Optional[str] = None
+    tracking_uri: Optional[str] = None
+
+    @property
+    def all_finished(self) -> bool:
+        """Whether every trial finished (none failed)."""
+        return bool(self.rows) and all(row["status"] == "FINISHED" for row in self.rows)
+
+    def describe(self) -> str:
+        """A short text summary for the terminal."""
+        counts: dict[str, int] = {}
+        for row in self.rows:
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        lines = [
+            f"sweep {self.name!r}: {len(self.rows)} trials ("
+            + ", ".join(f"{n} {status.lower()}" for status, n in sorted(counts.items())) + ")",
+            f"  folder:     {self.sweep_dir}",
+            f"  summary:    {self.sweep_dir / 'summary.csv'}",
+            f"  comparison: {self.sweep_dir / 'comparison.png'}",
+        ]
+        if self.parent_run_id:
+            lines.append(f"  MLflow:     {self.tracking_uri} (parent run {self.parent_run_id}); "
+                         "open it with `gradgym ui`")
+        for row in self.rows:
+            if row["status"] != "FINISHED":
+                lines.append(f"  trial {row['trial']} {row['status']}: {row.get('error', '')[:200]}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- entry points
+
+def start_sweep(path: str | Path, overrides: Sequence[str] = (), *, storage: Optional[str] = None) -> SweepOutcome:
+    """Validate the sweep file (every trial), then run it on Ray Tune.
+
+    Raises:
+        ConfigError: an invalid sweep file or override, before Ray starts.
+        SweepFailed: the tracking store is unreachable at the start, or Ray fails.
+    """
+    cfg = load_sweep_config(path, overrides)
+    storage_dir = Path(storage or cfg.storage).resolve()
+    sweep_dir = _new_sweep_dir(storage_dir, cfg.name)
+    cfg = _with_name(cfg, sweep_dir.name)
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / SWEEP_FILE).write_text(OmegaConf.to_yaml(cfg))
+    parent = _create_parent_run(cfg, sweep_dir)
+    return _run(cfg, sweep_dir, parent, restore=False)
+
+
+def resume_sweep(name: str, *, storage: str = "sweeps") -> SweepOutcome:
+    """Finish sweep ``name`` (a name under ``storage`` or the sweep's folder): only the
+    trials that had not finished run again."""
+    sweep_dir = Path(name) if Path(name, SWEEP_FILE).is_file() else Path(storage) / name
+    sweep_dir = sweep_dir.resolve()
+    if not (sweep_dir / SWEEP_FILE).is_file() or not (sweep_dir / TUNE_DIR).is_dir():
+        known = sorted(p.name for p in Path(storage).glob("*") if (p / SWEEP_FILE).is_file())
+        raise ConfigError(
+            f"no sweep to resume at {str(sweep_dir)!r}; sweeps in {storage!r}: "
+            f"{', '.join(known) or 'none'}"
+        )
+    cfg = load_sweep_config(sweep_dir / SWEEP_FILE)
+    parent = json.loads((sweep_dir / PARENT_FILE).read_text()) if (sweep_dir / PARENT_FILE).is_file() else {}
+    if parent:
+        _retry_store(lambda: tracking_client(parent["uri"]).update_run(parent["run_id"], status="RUNNING"),
+                     parent["uri"], _outage_limit(cfg))
+    return _run(cfg, sweep_dir, parent, restore=True)
+
+
+def _new_sweep_dir(storage: Path, name: str) -> Path:
+    """``storage/name``, or ``name-2``, ``name-3``... if that sweep exists already."""
+    candidate, number = storage / name, 1
+    while candidate.exists():
+        number += 1
+        candidate = storage / f"{name}-{number}"
+    return candidate
+
+
+def _with_name(cfg: DictConfig, name: str) -> DictConfig:
+    cfg = OmegaConf.merge(cfg, {"name": name})
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+# ---------------------------------------------------------------------- tracking (driver)
+
+def _base_layer(cfg: DictConfig) -> dict[str, Any]:
+    return flatten(OmegaConf.to_container(cfg.overrides, resolve=True))
+
+
+def _tracking_settings(cfg: DictConfig) -> DictConfig:
+    """The tracking config every trial gets (composed from the sweep's overrides)."""
+    from gradgym.platform.config import compose_run_config
+
+    return compose_run_config(_base_layer(cfg)).tracking
+
+
+def _outage_limit(cfg: DictConfig) -> float:
+    return float(_tracking_settings(cfg).outage_limit_s)
+
+
+def _create_parent_run(cfg: DictConfig, sweep_dir: Path) -> dict[str, Any]:
+    tracking = _tracking_settings(cfg)
+    if not tracking.enabled:
+        return {}
+    uri = resolve_tracking_uri(tracking.uri)
+    configure_http(tracking.request_timeout_s)
+    experiment = cfg.experiment or cfg.name
+    client = tracking_client(uri)
+
+    def create() -> dict[str, Any]:
+        experiment_id = ensure_experiment(client, experiment)
+        run = client.create_run(experiment_id, run_name=cfg.name,
+                                tags={"sweep": cfg.name, "gradgym.kind": "sweep"})
+        return {"run_id": run.info.run_id, "experiment_id": experiment_id, "uri": uri,
+                "experiment": experiment}
+
+    try:
+        # Fail before Ray starts if the store cannot be reached at all.
+        parent = _retry_store(create, uri, min(30.0, tracking.outage_limit_s))
+    except Exception as err:  # noqa: BLE001 - reported as a sweep that cannot start
+        raise SweepFailed(f"cannot reach the MLflow tracking store {uri}: {err}") from err
+    params = {k: str(v)[:6000] for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(parent["run_id"], params=items[i:i + 100])
+    client.log_artifact(parent["run_id"], str(sweep_dir / SWEEP_FILE))
+    write_json(sweep_dir / PARENT_FILE, parent)
+    return parent
+
+
+def _retry_store(action: Any, uri: str, limit_s: float) -> Any:
+    """Run ``action`` until it succeeds, retrying transient store errors for ``limit_s``."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            return action()
+        except Exception as err:  # noqa: BLE001 - classified right below
+            if not is_transient(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+# ---------------------------------------------------------------------- Ray Tune
+
+def _run(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any], restore: bool) -> SweepOutcome:
+    from ray import tune
+
+    started_ray = _init_ray(cfg)
+    try:
+        constants = {
+            "name": cfg.name,
+            "sweep_dir": str(sweep_dir),
+            "base": _base_layer(cfg),
+            "tracking_uri": parent.get("uri"),
+            "experiment": parent.get("experiment"),
+            "parent_run_id": parent.get("run_id"),
+            "report_every_s": float(cfg.tune_report_every_s),
+        }
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, sweep=constants),
+            {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial},
+        )
+        if restore:
+            tuner = tune.Tuner.restore(str(sweep_dir / TUNE_DIR), trainable=trainable,
+                                       resume_unfinished=True, resume_errored=False,
+                                       restart_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=_param_space(cfg),
+                tune_config=tune.TuneConfig(
+                    num_samples=cfg.num_samples,
+                    scheduler=_scheduler(cfg),
+                    max_concurrent_trials=cfg.max_concurrent or None,
+                    reuse_actors=True,
+                    trial_dirname_creator=_trial_dirname,
+                ),
+                run_config=tune.RunConfig(
+                    name=TUNE_DIR,
+                    storage_path=str(sweep_dir),
+                    failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                ),
+            )
+        results = tuner.fit()
+        return _finish(cfg, sweep_dir, parent, results)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _trial_dirname(trial: Any) -> str:
+    return trial.trial_id
+
+
+def _init_ray(cfg: DictConfig) -> bool:
+    """Connect to ``$RAY_ADDRESS`` or start a local Ray on 127.0.0.1; True if started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env_vars = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", TRIAL_XLA_FLAGS)}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env_vars})  # that cluster, unchanged
+        return True
+    # Ray's local-only mode: every Ray process binds to loopback, none to 0.0.0.0.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False,
+             object_store_memory=LOCAL_OBJECT_STORE_BYTES, runtime_env={"env_vars": env_vars})
+    return True
+
+
+def _param_space(cfg: DictConfig) -> dict[str, Any]:
+    from ray import tune
+
+    space: dict[str, Any] = {key: tune.grid_search(values) for key, values in grid_axes(cfg).items()}
+    draw = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}
+    for key, (kind, args) in search_space(cfg).items():
+        space[key] = tune.choice(args) if kind == "choice" else draw[kind](*args)
+    return space
+
+
+def _scheduler(cfg: DictConfig) -> Any:
+    if cfg.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    from gradgym.platform.config import compose_run_config
+
+    iters = compose_run_config(_base_layer(cfg)).pipeline.iters
+    return ASHAScheduler(time_attr="iteration", metric=cfg.asha.metric, mode=cfg.asha.mode,
+                         max_t=max(iters, cfg.asha.grace_period),
+                         grace_period=cfg.asha.grace_period,
+                         reduction_factor=cfg.asha.reduction_factor)
+
+
+# ---------------------------------------------------------------------- one trial
+
+def run_trial(config: dict[str, Any], sweep: Mapping[str, Any]) -> None:
+    """The Tune trainable: compose the trial's run config and execute it.
+
+    ``config`` holds this trial's grid/search values (run-config keys); ``sweep`` the
+    sweep-wide settings. A trial folder that already holds a finished run (the driver died
+    after the trial finished, before Tune recorded it) is reported, not run again.
+    """
+    from ray import tune
+
+    from gradgym.platform.config import compose_run_config
+    from gradgym.platform.runner import execute_run
+
+    trial_id = tune.get_context().get_trial_id()
+    run_dir = Path(sweep["sweep_dir"]) / TRIALS_DIR / trial_id
+    placement = {"run_dir": str(run_dir), "progress": False}
+    if sweep["tracking_uri"]:
+        placement.update({"tracking.uri": sweep["tracking_uri"], "tracking.experiment": sweep["experiment"]})
+    cfg = compose_run_config(sweep["base"], config, placement)
+
+    summary = _finished_summary(run_dir)
+    if summary is None:
+        reporter = _TuneReporter(sweep["report_every_s"])
+        name = f"{cfg.env}-{cfg.backend}-s{cfg.seed}-{trial_id}"
+        summary = execute_run(cfg, resume=True, parent_run_id=sweep["parent_run_id"],
+                              sweep=sweep["name"], run_name=name, on_iteration=reporter)
+    final = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tune.report({**final, "iteration": summary["iterations"], "finished": 1})
+
+
+def _finished_summary(run_dir: Path) -> Optional[dict[str, Any]]:
+    path = run_dir / "summary.json"
+    if path.is_file():
+        summary = json.loads(path.read_text())
+        if summary.get("status") == "FINISHED":
+            return summary
+    return None
+
+
+class _TuneReporter:
+    """Reports iterations to Tune at most every ``every_s`` (a report costs milliseconds)."""
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+        self._last = -float("inf")
+
+    def __call__(self, metrics: Mapping[str, float], step: int) -> None:
+        from ray import tune
+
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            tune.report({**metrics, "iteration": step + 1})
+
+
+# ---------------------------------------------------------------------- the end
+
+def _finish(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any], results: Any) -> SweepOutcome:
+    from gradgym.platform.reports import backend_comparison, summary_table
+
+    rows, curves = _collect(cfg, sweep_dir, results)
+    summary_table(rows, sweep_dir / "summary.csv")
+    backend_comparison(curves, sweep_dir / "comparison.png", title=f"sweep {cfg.name}")
+    outcome = SweepOutcome(cfg.name, sweep_dir, rows, parent.get("run_id"), parent.get("uri"))
+    if parent:
+        _close_parent(parent, sweep_dir, rows, _outage_limit(cfg))
+    return outcome
+
+
+def _collect(cfg: DictConfig, sweep_dir: Path, results: Any) -> tuple[list[dict], list[dict]]:
+    """One summary row per trial and the iteration histories of the finished ones."""
+    swept = [k for k in list(grid_axes(cfg)) + list(search_space(cfg)) if k not in _NOT_IN_LABEL]
+    rows, curves = [], []
+    for result in results:
+        trial = Path(result.path).name
+        run_dir = sweep_dir / TRIALS_DIR / trial
+        summary = _read_json(run_dir / "summary.json")
+        state = _read_json(run_dir / STATE_FILE)
+        values = {key: result.config.get(key) for key in swept}
+        status = summary.get("status", "FAILED")
+        if result.error is not None:
+            status = "FAILED"
+        row = {"trial": trial, **summary, "status": status, **values,
+               "mlflow_run_id": state.get("run_id", summary.get("mlflow_run_id", ""))}
+        if result.error is not None:
+            row["error"] = f"{type(result.error).__name__}: {result.error}"[:2000]
+        rows.append(row)
+        history = _read_jsonl(run_dir / METRICS_FILE)
+        if status == "FINISHED" and history and "env" in summary:
+            label = " ".join([summary["backend"]] + [f"{k}={v}" for k, v in values.items()])
+            curves.append({"env": summary["env"], "backend": summary["backend"], "label": label,
+                           "history": history})
+    rows.sort(key=lambda row: row["trial"])
+    return rows, curves
+
+
+def _close_parent(parent: Mapping[str, Any], sweep_dir: Path, rows: list[dict], limit_s: float) -> None:
+    """Mark children that died without a word FAILED; log the sweep's artifacts; end it."""
+    client = tracking_client(parent["uri"])
+
+    def close() -> None:
+        for row in rows:
+            run_id = row.get("mlflow_run_id")
+            if row["status"] == "FAILED" and run_id:
+                if client.get_run(run_id).info.status == "RUNNING":
+                    client.set_tag(run_id, "error", str(row.get("error", ""))[-5000:])
+                    client.set_terminated(run_id, status="FAILED")
+        for name in ("summary.csv", "comparison.png"):
+            client.log_artifact(parent["run_id"], str(sweep_dir / name))
+        failed = sum(row["status"] != "FINISHED" for row in rows)
+        client.set_tag(parent["run_id"], "trials", str(len(rows)))
+        client.set_tag(parent["run_id"], "trials_failed", str(failed))
+        client.set_terminated(parent["run_id"], status="FINISHED")
+
+    _retry_store(close, parent["uri"], limit_s)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return read_jsonl(path) if path.is_file() else []
