@@ -10,6 +10,12 @@ from gradgym.envs.core import Env, EnvSpec, Renderer, Task, make, register, regi
 for _task in CLASSIC_TASKS:
     register(_task.name, _task, family="classic")
 
+# The MuJoCo family (Gymnasium v5 semantics on MuJoCo's engine; no ivy boundary).
+from gradgym.envs.mujoco import TASKS as MUJOCO_TASKS  # noqa: E402
+
+for _task in MUJOCO_TASKS:
+    register(_task.name, _task, backends=("numpy", "jax", "torch"), family="mujoco")
+
 __all__ = [
     "BACKENDS",
     "DTYPES",

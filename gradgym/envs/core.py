@@ -175,6 +175,17 @@ class Env:
             )
         return self.State(**{k: self.backend.asarray(fields[k]) for k in self.State._fields})
 
+    def state_from_qpos_qvel(self, qpos: Any, qvel: Any) -> Any:
+        """A state at MuJoCo generalized positions ``qpos [B, nq]`` and velocities
+        ``qvel [B, nv]`` (arrays of any backend); MuJoCo tasks only."""
+        build = getattr(self.task, "state_from_qpos_qvel", None)
+        if build is None:
+            raise TypeError(
+                f"{self.spec.name} has no MuJoCo qpos/qvel: state_from_qpos_qvel builds "
+                "states of the MuJoCo family only"
+            )
+        return build(self.backend, qpos, qvel)
+
     def render(self, state: Any, index: int = 0) -> np.ndarray:
         """An ``H x W x 3`` uint8 frame of state ``index`` of the batch, colored by reward."""
         batch = self.task.batch_shape(state)

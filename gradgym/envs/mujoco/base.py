@@ -1,0 +1,299 @@
+"""What the eight MuJoCo tasks share: their state, reset, step and rendering.
+
+A MuJoCo task is a :class:`~gradgym.envs.core.Task` whose dynamics is one Gymnasium-v5 env
+step of MuJoCo itself (``frame_skip`` substeps, :mod:`gradgym.envs.mujoco.physics`), made
+an operation of the backend by :mod:`gradgym.envs.mujoco.bridge`. Everything else --
+observation, reward, health and termination -- is written once against the Array API
+over the state below, so on torch and jax its gradient flows by autodiff and joins the
+physics' Jacobians.
+
+Actions are in [-1, 1] like every gradgym env and are mapped linearly onto the
+actuators' ``ctrlrange`` (Inverted Pendulum: [-3, 3], Humanoid: [-0.4, 0.4], the others
+[-1, 1]); rewards' control costs are taken on the resulting controls, as Gymnasium takes
+them on its actions.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+import numpy as np
+
+from gradgym.envs.backends import Backend, to_numpy
+from gradgym.envs.core import Renderer, Task
+
+if TYPE_CHECKING:  # imported lazily: importing gradgym must not load MuJoCo
+    from gradgym.envs.mujoco.physics import Physics
+
+
+class MujocoState(NamedTuple):
+    """The batched state of a MuJoCo task (leaves ``[B, ...]``)."""
+
+    qpos: Any  # [B, nq] generalized positions (MuJoCo's qpos)
+    qvel: Any  # [B, nv] generalized velocities
+    ctrl: Any  # [B, nu] actuator controls applied by the last step (zeros after reset)
+    xy_velocity: Any  # [B, 2] velocity of the task's tracked point over the last step
+    readouts: Any  # [B, k] MjData fields the task reads after a step, flattened
+    warmstart: Any  # [B, nv] constraint-solver warm start: bookkeeping, no gradient
+
+
+@dataclass(frozen=True)
+class Camera:
+    """How a task is filmed: a free camera, or one that tracks ``track_body``."""
+
+    distance: float
+    elevation: float = -20.0
+    azimuth: float = 90.0
+    lookat: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    track_body: int | None = None
+
+
+@dataclass(frozen=True)
+class MujocoTask(Task):
+    """Base class of the MuJoCo tasks (Gymnasium v5 semantics).
+
+    Subclasses set the class variables and implement ``observe``, ``reward`` and, for
+    tasks that end, ``terminated``. The shared fields are the constructor arguments every
+    Gymnasium v5 MuJoCo env has, plus rendering size and engine threads.
+    """
+
+    xml_file: str = ""
+    frame_skip: int = 1
+    reset_noise_scale: float = 0.0
+    width: int = 480
+    height: int = 480
+    num_threads: int = 1
+
+    horizon = 1000
+    State = MujocoState
+    # MjData fields the task reads after a step (see Physics.readouts).
+    readout_fields: ClassVar[tuple[str, ...]] = ()
+    # Reset noise of qvel: "uniform" in [-scale, scale] or "normal" with std scale
+    # (qpos noise is always uniform).
+    qvel_noise: ClassVar[str] = "uniform"
+    camera: ClassVar[Camera] = Camera(distance=4.0, track_body=1)
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        from gradgym.envs.mujoco.physics import asset_path
+
+        _check_int(self, "frame_skip", 1)
+        _check_int(self, "width", 1)
+        _check_int(self, "height", 1)
+        _check_int(self, "num_threads", 0)
+        if not (isinstance(self.reset_noise_scale, (int, float)) and self.reset_noise_scale >= 0):
+            raise ValueError(
+                f"{self.name}: reset_noise_scale must be a number >= 0, got {self.reset_noise_scale!r}"
+            )
+        for field in dataclasses.fields(self):
+            if field.name.endswith("_range"):
+                _check_range(self, field.name)
+        asset_path(self.xml_file)
+
+    # ------------------------------------------------------------------ model facts
+    @property
+    def physics(self) -> "Physics":
+        """The MuJoCo engine of this task (one per distinct task, shared by its envs)."""
+        return _physics(self)
+
+    @property
+    def dt(self) -> float:  # type: ignore[override]
+        return self.physics.dt
+
+    @property
+    def act_dim(self) -> int:
+        return self.physics.nu
+
+    @property
+    def obs_dim(self) -> int:
+        return int(self.observe(np, self._zero_state()).shape[-1])
+
+    def batch_shape(self, state: MujocoState) -> tuple[int, ...]:
+        return tuple(state.qpos.shape[:-1])
+
+    # ------------------------------------------------------------------ states
+    def reset_state(self, backend: Backend, rng: Any, batch: int) -> MujocoState:
+        model = self.physics.model
+        keys = backend.split(rng, 3)
+        scale = self.reset_noise_scale
+        qpos = backend.asarray(model.qpos0) + backend.uniform(keys[0], (batch, model.nq), -scale, scale)
+        if self.qvel_noise == "normal":
+            qvel = scale * _standard_normal(backend, keys[1], (batch, model.nv))
+        else:
+            qvel = backend.uniform(keys[1], (batch, model.nv), -scale, scale)
+        return self.state_from_qpos_qvel(backend, qpos, qvel)
+
+    def state_from_qpos_qvel(self, backend: Backend, qpos: Any, qvel: Any) -> MujocoState:
+        """A state at generalized positions ``qpos [B, nq]`` and velocities ``qvel [B, nv]``
+        (any backend's arrays), at rest otherwise: no control, no warm start, readouts
+        as after Gymnasium's ``reset`` (``mj_forward``)."""
+        from gradgym.envs.mujoco.bridge import physics_readouts
+
+        physics = self.physics
+        for label, value, size in (("qpos", qpos, physics.nq), ("qvel", qvel, physics.nv)):
+            shape = tuple(getattr(value, "shape", ()))
+            if len(shape) != 2 or shape[-1] != size:
+                raise ValueError(f"{self.name}: {label} must have shape [B, {size}], got {shape}")
+        if qpos.shape[0] != qvel.shape[0]:
+            raise ValueError(
+                f"{self.name}: qpos and qvel batch sizes differ ({qpos.shape[0]} vs {qvel.shape[0]})"
+            )
+        qpos, qvel = backend.asarray(qpos), backend.asarray(qvel)
+        batch = qpos.shape[0]
+        return MujocoState(
+            qpos=qpos,
+            qvel=qvel,
+            ctrl=backend.zeros((batch, physics.nu)),
+            xy_velocity=backend.zeros((batch, 2)),
+            readouts=physics_readouts(backend.xp, physics, qpos, qvel),
+            warmstart=backend.zeros((batch, physics.nv)),
+        )
+
+    def _zero_state(self) -> MujocoState:
+        p = self.physics
+        return MujocoState(
+            np.zeros((1, p.nq)), np.zeros((1, p.nv)), np.zeros((1, p.nu)), np.zeros((1, 2)),
+            np.zeros((1, p.readout_size)), np.zeros((1, p.nv)),
+        )
+
+    # ------------------------------------------------------------------ step
+    def dynamics(self, xp: Any, state: MujocoState, action: Any) -> MujocoState:
+        from gradgym.envs.mujoco.bridge import physics_step
+
+        ctrl = self.ctrl_from_action(xp, action)
+        qpos, qvel, readouts, warmstart = physics_step(
+            xp, self.physics, state.qpos, state.qvel, ctrl, state.warmstart
+        )
+        before = self.tracked_xy(xp, state.qpos, state.readouts)
+        after = self.tracked_xy(xp, qpos, readouts)
+        return MujocoState(qpos, qvel, ctrl, (after - before) / self.dt, readouts, warmstart)
+
+    def ctrl_from_action(self, xp: Any, action: Any) -> Any:
+        """Map actions in [-1, 1] linearly onto the actuators' control ranges."""
+        low, high = self.physics.model.actuator_ctrlrange.T
+        half, center = (high - low) / 2.0, (high + low) / 2.0
+        if np.all(half == half[0]) and np.all(center == 0.0):
+            return action * float(half[0])
+        return action * xp.asarray(half, dtype=action.dtype) + xp.asarray(center, dtype=action.dtype)
+
+    def tracked_xy(self, xp: Any, qpos: Any, readouts: Any) -> Any:
+        """``[..., 2]`` position whose velocity the forward reward pays; by default the
+        first generalized coordinate (the root's x slide) and 0."""
+        x = qpos[..., 0]
+        return xp.stack([x, xp.zeros_like(x)], axis=-1)
+
+    def readout(self, xp: Any, readouts: Any, name: str) -> Any:
+        """Readout field ``name`` with its MjData shape, ``[..., *shape]``."""
+        physics = self.physics
+        part = readouts[..., physics.readout_slices[name]]
+        return xp.reshape(part, tuple(readouts.shape[:-1]) + tuple(physics.readout_shapes[name]))
+
+    # ------------------------------------------------------------------ rendering
+    def make_renderer(self) -> "MujocoRenderer":
+        return MujocoRenderer(self.physics.model, self.width, self.height, self.camera)
+
+
+# ---------------------------------------------------------------------------- helpers
+def control_cost(xp: Any, ctrl: Any, weight: float) -> Any:
+    """``weight * sum(ctrl^2)`` over the last axis."""
+    return weight * xp.sum(ctrl * ctrl, axis=-1)
+
+
+def indicator(xp: Any, condition: Any, like: Any) -> Any:
+    """``condition`` as 1.0/0.0 in the dtype of ``like`` (no gradient, like a step)."""
+    return xp.where(condition, xp.ones_like(like), xp.zeros_like(like))
+
+
+def inside(xp: Any, value: Any, bounds: tuple[float, float], closed: bool = False) -> Any:
+    """Whether ``low < value < high`` (``<=`` when closed); NaN is outside."""
+    low, high = bounds
+    if closed:
+        return xp.logical_and(value >= low, value <= high)
+    return xp.logical_and(value > low, value < high)
+
+
+def _standard_normal(backend: Backend, rng: Any, shape: tuple[int, ...]) -> Any:
+    # Box-Muller from two uniform draws: the backends' random adapter draws uniforms only.
+    keys = backend.split(rng, 2)
+    u1 = 1.0 - backend.uniform(keys[0], shape, 0.0, 1.0)  # in (0, 1]: log is finite
+    u2 = backend.uniform(keys[1], shape, 0.0, 1.0)
+    xp = backend.xp
+    return xp.sqrt(-2.0 * xp.log(u1)) * xp.cos(2.0 * math.pi * u2)
+
+
+def _check_int(task: Task, name: str, minimum: int) -> None:
+    value = getattr(task, name)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{task.name}: {name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_range(task: Task, name: str) -> None:
+    value = getattr(task, name)
+    ok = (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        and value[0] <= value[1]
+    )
+    if not ok:
+        raise ValueError(f"{task.name}: {name} must be a pair (low, high) with low <= high, got {value!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _physics(task: MujocoTask) -> "Physics":
+    from gradgym.envs.mujoco.physics import Physics
+
+    return Physics(_model(task.xml_file), task.frame_skip, task.readout_fields,
+                   num_threads=task.num_threads)
+
+
+@functools.lru_cache(maxsize=None)
+def _model(xml_file: str) -> Any:
+    from gradgym.envs.mujoco.physics import load_model
+
+    return load_model(xml_file)
+
+
+# ---------------------------------------------------------------------------- renderer
+class MujocoRenderer(Renderer):
+    """Frames from MuJoCo's own (headless) renderer; the GL context is made once."""
+
+    def __init__(self, model: Any, width: int, height: int, camera: Camera):
+        import mujoco
+
+        self.model = copy.copy(model)  # the offscreen buffer size is a model setting
+        self.model.vis.global_.offwidth = max(width, self.model.vis.global_.offwidth)
+        self.model.vis.global_.offheight = max(height, self.model.vis.global_.offheight)
+        self.data = mujoco.MjData(self.model)
+        try:
+            self.renderer = mujoco.Renderer(self.model, height=height, width=width)
+        except Exception as err:  # the GL backend is chosen when mujoco is imported
+            raise RuntimeError(
+                f"MuJoCo could not open an offscreen GL context ({err}). Headless rendering "
+                "needs MUJOCO_GL=egl (or osmesa) set before mujoco is first imported, and "
+                "the system's EGL/OSMesa libraries (see .ci/apt-packages.txt)."
+            ) from err
+        self.camera = mujoco.MjvCamera()
+        self.camera.distance = camera.distance
+        self.camera.elevation = camera.elevation
+        self.camera.azimuth = camera.azimuth
+        self.camera.lookat[:] = camera.lookat
+        if camera.track_body is None:
+            self.camera.type = mujoco.mjtCamera.mjCAMERA_FREE
+        else:
+            self.camera.type = mujoco.mjtCamera.mjCAMERA_TRACKING
+            self.camera.trackbodyid = camera.track_body
+
+    def draw(self, state: Any, reward: float) -> np.ndarray:
+        import mujoco
+
+        self.data.qpos[:] = to_numpy(state.qpos)
+        self.data.qvel[:] = to_numpy(state.qvel)
+        mujoco.mj_forward(self.model, self.data)
+        self.renderer.update_scene(self.data, camera=self.camera)
+        return self.renderer.render().copy()

@@ -1,0 +1,96 @@
+"""Humanoid-v5: a 3D humanoid walking forward (Gymnasium v5 semantics).
+
+============  =============================================================
+observation   ``[qpos[2:], qvel, cinert[1:], cvel[1:], qfrc_actuator[6:],
+              cfrc_ext[1:]]`` (the root x, y left out; the last four
+              optional)  (348)
+action        17 joint torques in [-1, 1], mapped to [-0.4, 0.4]  (17)
+reward        ``forward_reward_weight * x_velocity + healthy_reward * healthy
+              - ctrl_cost_weight * |u|^2
+              - clip(contact_cost_weight * |cfrc_ext|^2, contact_cost_range)``
+healthy       torso height ``qpos[2]`` inside the open ``healthy_z_range``
+terminated    unhealthy, if ``terminate_when_unhealthy``
+reset         qpos0 + U(-0.01, 0.01), qvel ~ U(-0.01, 0.01)
+dt            0.015 (5 RK4 substeps of 0.003)
+============  =============================================================
+
+``x_velocity`` is that of the center of mass (body masses times ``xipos``) as MuJoCo
+leaves it after the step; contact forces are ``cfrc_ext`` after
+``mj_rnePostConstraint``, as in Gymnasium.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gradgym.envs.backends import Backend
+from gradgym.envs.mujoco.base import Camera, MujocoState, MujocoTask, control_cost, indicator, inside
+
+
+@dataclass(frozen=True)
+class Humanoid(MujocoTask):
+    """MuJoCo humanoid."""
+
+    xml_file: str = "humanoid.xml"
+    frame_skip: int = 5
+    forward_reward_weight: float = 1.25
+    ctrl_cost_weight: float = 0.1
+    contact_cost_weight: float = 5e-7
+    contact_cost_range: tuple[float, float] = (float("-inf"), 10.0)
+    healthy_reward: float = 5.0
+    terminate_when_unhealthy: bool = True
+    healthy_z_range: tuple[float, float] = (1.0, 2.0)
+    reset_noise_scale: float = 1e-2
+    exclude_current_positions_from_observation: bool = True
+    include_cinert_in_observation: bool = True
+    include_cvel_in_observation: bool = True
+    include_qfrc_actuator_in_observation: bool = True
+    include_cfrc_ext_in_observation: bool = True
+
+    name = "Humanoid-v5"
+    readout_fields = ("xipos", "cinert", "cvel", "qfrc_actuator", "cfrc_ext")
+    camera = Camera(distance=4.0, elevation=-20.0, lookat=(0.0, 0.0, 2.0), track_body=1)
+
+    def tracked_xy(self, xp: Any, qpos: Any, readouts: Any) -> Any:
+        xipos = self.readout(xp, readouts, "xipos")
+        mass = xp.asarray(self.physics.model.body_mass, dtype=xipos.dtype)
+        center = xp.sum(mass[:, None] * xipos, axis=-2) / xp.sum(mass)
+        return center[..., 0:2]
+
+    def observe(self, xp: Any, state: MujocoState) -> Any:
+        skip = 2 if self.exclude_current_positions_from_observation else 0
+        lead = tuple(state.qpos.shape[:-1])
+
+        def per_body(name: str) -> Any:  # the world body (0) left out, flattened
+            return xp.reshape(self.readout(xp, state.readouts, name)[..., 1:, :], lead + (-1,))
+
+        parts = [state.qpos[..., skip:], state.qvel]
+        if self.include_cinert_in_observation:
+            parts.append(per_body("cinert"))
+        if self.include_cvel_in_observation:
+            parts.append(per_body("cvel"))
+        if self.include_qfrc_actuator_in_observation:
+            parts.append(self.readout(xp, state.readouts, "qfrc_actuator")[..., 6:])
+        if self.include_cfrc_ext_in_observation:
+            parts.append(per_body("cfrc_ext"))
+        return xp.concat(parts, axis=-1)
+
+    def healthy(self, xp: Any, state: MujocoState) -> Any:
+        """Whether the torso height is within ``healthy_z_range``."""
+        return inside(xp, state.qpos[..., 2], self.healthy_z_range)
+
+    def reward(self, xp: Any, state: MujocoState) -> Any:
+        forward = self.forward_reward_weight * state.xy_velocity[..., 0]
+        alive = self.healthy_reward * indicator(xp, self.healthy(xp, state), forward)
+        forces = self.readout(xp, state.readouts, "cfrc_ext")
+        low, high = self.contact_cost_range
+        contact = xp.clip(
+            self.contact_cost_weight * xp.sum(xp.sum(forces * forces, axis=-1), axis=-1), low, high
+        )
+        return forward + alive - control_cost(xp, state.ctrl, self.ctrl_cost_weight) - contact
+
+    def terminated(self, backend: Backend, state: MujocoState) -> Any:
+        xp = backend.xp
+        unhealthy = xp.logical_not(self.healthy(xp, state))
+        return unhealthy if self.terminate_when_unhealthy else xp.zeros_like(unhealthy)

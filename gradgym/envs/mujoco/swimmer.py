@@ -1,0 +1,46 @@
+"""Swimmer-v5: a three-link snake swimming forward in a viscous fluid (Gymnasium v5).
+
+============  =============================================================
+observation   ``[qpos[2:], qvel]`` (the x, y of the front tip left out)  (8)
+action        two joint torques in [-1, 1]  (2)
+reward        ``forward_reward_weight * x_velocity - ctrl_cost_weight * |u|^2``
+terminated    never
+reset         qpos0 + U(-0.1, 0.1), qvel ~ U(-0.1, 0.1)
+dt            0.04 (4 RK4 substeps of 0.01)
+============  =============================================================
+
+Not to be confused with ``Swimmer``, the fish of the classic family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gradgym.envs.mujoco.base import Camera, MujocoState, MujocoTask, control_cost
+
+
+@dataclass(frozen=True)
+class Swimmer(MujocoTask):
+    """MuJoCo swimmer."""
+
+    xml_file: str = "swimmer.xml"
+    frame_skip: int = 4
+    forward_reward_weight: float = 1.0
+    ctrl_cost_weight: float = 1e-4
+    reset_noise_scale: float = 0.1
+    exclude_current_positions_from_observation: bool = True
+
+    name = "Swimmer-v5"
+    camera = Camera(distance=5.0, elevation=-60.0, track_body=1)
+
+    def tracked_xy(self, xp: Any, qpos: Any, readouts: Any) -> Any:
+        return qpos[..., 0:2]
+
+    def observe(self, xp: Any, state: MujocoState) -> Any:
+        skip = 2 if self.exclude_current_positions_from_observation else 0
+        return xp.concat([state.qpos[..., skip:], state.qvel], axis=-1)
+
+    def reward(self, xp: Any, state: MujocoState) -> Any:
+        forward = self.forward_reward_weight * state.xy_velocity[..., 0]
+        return forward - control_cost(xp, state.ctrl, self.ctrl_cost_weight)

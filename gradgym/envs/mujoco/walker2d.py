@@ -1,0 +1,62 @@
+"""Walker2d-v5: a planar biped walking forward (Gymnasium v5 semantics).
+
+============  =============================================================
+observation   ``[qpos[1:], clip(qvel, -10, 10)]`` (the root x left out)  (17)
+action        six joint torques in [-1, 1]  (6)
+reward        ``forward_reward_weight * x_velocity + healthy_reward * healthy
+              - ctrl_cost_weight * |u|^2``
+healthy       height ``qpos[1]`` inside ``healthy_z_range`` and torso angle
+              ``qpos[2]`` inside ``healthy_angle_range`` (open intervals)
+terminated    unhealthy, if ``terminate_when_unhealthy``
+reset         qpos0 + U(-5e-3, 5e-3), qvel ~ U(-5e-3, 5e-3)
+dt            0.008 (4 RK4 substeps of 0.002)
+============  =============================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gradgym.envs.backends import Backend
+from gradgym.envs.mujoco.base import Camera, MujocoState, MujocoTask, control_cost, indicator, inside
+
+
+@dataclass(frozen=True)
+class Walker2d(MujocoTask):
+    """MuJoCo planar walker (the v5 model, with symmetric feet friction)."""
+
+    xml_file: str = "walker2d_v5.xml"
+    frame_skip: int = 4
+    forward_reward_weight: float = 1.0
+    ctrl_cost_weight: float = 1e-3
+    healthy_reward: float = 1.0
+    terminate_when_unhealthy: bool = True
+    healthy_z_range: tuple[float, float] = (0.8, 2.0)
+    healthy_angle_range: tuple[float, float] = (-1.0, 1.0)
+    reset_noise_scale: float = 5e-3
+    exclude_current_positions_from_observation: bool = True
+
+    name = "Walker2d-v5"
+    camera = Camera(distance=4.0, elevation=-20.0, lookat=(0.0, 0.0, 1.15), track_body=1)
+
+    def observe(self, xp: Any, state: MujocoState) -> Any:
+        skip = 1 if self.exclude_current_positions_from_observation else 0
+        return xp.concat([state.qpos[..., skip:], xp.clip(state.qvel, -10.0, 10.0)], axis=-1)
+
+    def healthy(self, xp: Any, state: MujocoState) -> Any:
+        """Whether the torso is high enough and not tipped over."""
+        return xp.logical_and(
+            inside(xp, state.qpos[..., 1], self.healthy_z_range),
+            inside(xp, state.qpos[..., 2], self.healthy_angle_range),
+        )
+
+    def reward(self, xp: Any, state: MujocoState) -> Any:
+        forward = self.forward_reward_weight * state.xy_velocity[..., 0]
+        alive = self.healthy_reward * indicator(xp, self.healthy(xp, state), forward)
+        return forward + alive - control_cost(xp, state.ctrl, self.ctrl_cost_weight)
+
+    def terminated(self, backend: Backend, state: MujocoState) -> Any:
+        xp = backend.xp
+        unhealthy = xp.logical_not(self.healthy(xp, state))
+        return unhealthy if self.terminate_when_unhealthy else xp.zeros_like(unhealthy)
