@@ -122,16 +122,33 @@ class CanvasRenderer(Renderer):
             self._apply_view(view)
             self.on_view_change(view)
             self._background = None
+        color = reward_color(reward)
+        self.update(state, reward, color)
+        self._update_reward_bar(reward, color)
+        if self.blit:
+            self._blit()
+        else:
+            self._redraw_all()
+        return frame_of(self.canvas)
+
+    blit = True
+    """Draw frames by blitting (the default); ``False`` redraws the whole figure each frame,
+    which gives the same picture more slowly (the peer in ``benchmarks/render_speed.py``)."""
+
+    def _blit(self) -> None:
         if self._background is None:
             self.canvas.draw()  # static artists only: the animated ones are skipped
             self._background = self.canvas.copy_from_bbox(self.figure.bbox)
         self.canvas.restore_region(self._background)
-        color = reward_color(reward)
-        self.update(state, reward, color)
-        self._update_reward_bar(reward, color)
         for artist in self.animated:
             self.ax.draw_artist(artist)
-        return frame_of(self.canvas)
+
+    def _redraw_all(self) -> None:
+        for artist in self.animated:
+            artist.set_animated(False)
+        self.canvas.draw()
+        for artist in self.animated:
+            artist.set_animated(True)
 
     def _build_reward_bar(self) -> None:
         # A gauge in the top-left corner (axes coordinates): its fill is the reward in
