@@ -11,6 +11,12 @@ A pipeline reports through a plain callback so that it runs the same in a notebo
   start state's trajectory before optimization and of the best trajectory found;
 - ``"gradients"``: a flat numpy array of the current gradient, every ``grad_hist_every``
   iterations, for histograms.
+
+Calls: one per iteration with ``step`` = the iteration index (0-based) and the
+``ITERATION_METRICS`` measured at the parameters *before* that iteration's update
+(``video_initial`` comes with iteration 0); then one final call with ``step`` = the number
+of iterations run and the ``FINAL_METRICS`` (``video_best`` comes with it). A run that
+stops on a non-finite return makes the final call before raising.
 """
 
 from __future__ import annotations
@@ -60,3 +66,4 @@ class PipelineResult:
     iterations: int
     history: list[dict[str, float]] = field(default_factory=list)
     params: Any = None  # the optimized logits / policy parameters (native arrays)
+    best_params: Any = None  # the parameters that scored ``best_return``

@@ -1,0 +1,166 @@
+"""Rollouts written once for every backend.
+
+A rollout is a scan of :func:`transition` over the horizon; the scan itself and gradient
+stopping come from the backend module (``ops``: ``_numpy``, ``_jax`` or ``_torch``), so
+the same code is a ``lax.scan`` under ``jax.jit`` and a Python loop under torch autograd.
+
+Start states, logits and policy weights are drawn on the host with numpy from the run's
+seed and then moved to the env's backend, so every backend starts from the same numbers
+and runs can be compared across backends value by value.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any, Callable
+
+import numpy as np
+
+from gradgym.envs.backends import get_backend
+from gradgym.envs.core import Env
+
+# act(params, obs, x) -> action [B, act_dim]; ``x`` is the scanned input of this step.
+Act = Callable[[Any, Any, Any], Any]
+
+GRADIENT_BACKENDS = ("jax", "torch")
+ALL_BACKENDS = ("numpy",) + GRADIENT_BACKENDS
+
+
+def backend_ops(env: Any, pipeline: str, gradient: bool) -> ModuleType:
+    """The per-backend module (``_numpy``, ``_jax``, ``_torch``) that runs ``env``.
+
+    Raises:
+        ValueError: the env's backend cannot run this pipeline (numpy has no autodiff;
+            ivy envs are an interop boundary, not a pipeline backend).
+    """
+    backend = getattr(getattr(env, "spec", None), "backend", None)
+    if not isinstance(env, Env) or backend not in ALL_BACKENDS:
+        raise ValueError(
+            f"the {pipeline} pipeline runs on envs made with backend "
+            f"{', '.join(repr(b) for b in ALL_BACKENDS if gradient is False or b != 'numpy')}; "
+            f"got {env!r}. Make the env with gradgym.make(name, backend='jax' or 'torch')."
+        )
+    if gradient and backend not in GRADIENT_BACKENDS:
+        raise ValueError(
+            f"the {pipeline} pipeline needs gradients, which the {backend!r} backend does not "
+            f"have; use backend 'jax' or 'torch', or the zeroth-order pipeline 'cem', which "
+            f"runs on numpy"
+        )
+    return importlib.import_module(f"gradgym.pipelines._{backend}")
+
+
+# ---------------------------------------------------------------------- host randomness
+
+def host_rng(seed: int, stream: int) -> np.random.Generator:
+    """An independent numpy generator for one purpose (``stream``) of a run's ``seed``."""
+    return np.random.default_rng((int(seed), stream))
+
+
+def start_states(env: Env, rng: Any, batch: int) -> Any:
+    """``batch`` start states drawn on numpy (``env.reset`` of a numpy twin), on ``env``'s backend.
+
+    ``rng`` is an int seed or a ``numpy.random.Generator``; seed ``s`` gives the same start
+    states on every backend (those of ``make(name, backend='numpy').reset(s, batch)``).
+    """
+    twin = Env(env.task, get_backend("numpy", env.spec.dtype))
+    return env.as_state(twin.reset(rng, batch=batch))
+
+
+def host_uniform(env: Env, rng: np.random.Generator, shape: tuple[int, ...], scale: float) -> Any:
+    """U(-scale, scale) samples drawn on numpy, as an array of ``env``'s backend and dtype."""
+    return env.backend.asarray(rng.uniform(-scale, scale, size=shape))
+
+
+# ---------------------------------------------------------------------- trees
+
+def tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:
+    """Apply ``fn`` to every array of a tree of tuples, NamedTuples, lists and dicts."""
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(tree_map(fn, leaf) for leaf in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(tree_map(fn, leaf) for leaf in tree)
+    if isinstance(tree, dict):
+        return {key: tree_map(fn, value) for key, value in tree.items()}
+    return fn(tree)
+
+
+def tree_leaves(tree: Any) -> list[Any]:
+    """The arrays of a tree, in :func:`tree_map` order."""
+    leaves: list[Any] = []
+    tree_map(leaves.append, tree)
+    return leaves
+
+
+def first_of_batch(tree: Any) -> Any:
+    """The first element of a batched tree, kept as a batch of one."""
+    return tree_map(lambda leaf: leaf[0:1], tree)
+
+
+# ---------------------------------------------------------------------- rollouts
+
+def initial_carry(env: Env, start: Any) -> tuple[Any, Any, Any]:
+    """``(state, obs, alive)`` at the start of a rollout; every trajectory starts alive."""
+    alive = env.xp.logical_not(env.backend.falses(env.task.batch_shape(start)))
+    return start, env.observe(start), alive
+
+
+def transition(env: Env, act: Act, params: Any, carry: tuple[Any, Any, Any], x: Any) -> tuple[Any, Any]:
+    """One step of a rollout: act, step, and zero the reward of trajectories already done.
+
+    A trajectory counts the reward of the step on which it terminates and nothing after,
+    with ``where`` (no host sync, no branching on values).
+    """
+    state, obs, alive = carry
+    xp = env.xp
+    state, obs, reward, done = env.step(state, act(params, obs, x))
+    reward = xp.where(alive, reward, xp.zeros_like(reward))
+    alive = xp.logical_and(alive, xp.logical_not(done))
+    return (state, obs, alive), reward
+
+
+def rollout_returns(ops: ModuleType, step: Callable, params: Any, carry: Any, xs: Any,
+                    horizon: int, grad_horizon: int = 0) -> Any:
+    """The return ``[B]`` (sum of masked rewards) of ``horizon`` steps of ``step``.
+
+    ``xs`` are time-major per-step inputs (``[T, ...]``) or ``None``. With ``grad_horizon``
+    (truncated back-propagation through time) the rollout is cut into windows of that many
+    steps and no gradient flows from one window into the previous one.
+    """
+    window = grad_horizon if 0 < grad_horizon < horizon else horizon
+    total = None
+    for begin in range(0, horizon, window):
+        length = min(window, horizon - begin)
+        if begin > 0:
+            carry = ops.stop_gradient(carry)
+        window_xs = None if xs is None else xs[begin:begin + length]
+        carry, rewards = ops.scan(step, params, carry, window_xs, length)
+        window_return = ops.xp.sum(rewards, axis=0)
+        total = window_return if total is None else total + window_return
+    return total
+
+
+def loop_scan(stack: Callable[[list], Any], step: Callable, params: Any, carry: Any, xs: Any,
+              length: int) -> tuple[Any, Any]:
+    """``lax.scan`` semantics as a Python loop (numpy, torch): outputs stacked on axis 0."""
+    outputs = []
+    for t in range(length):
+        carry, output = step(params, carry, None if xs is None else xs[t])
+        outputs.append(output)
+    return carry, stack(outputs)
+
+
+def record_frames(ops: ModuleType, env: Env, act: Act, params: Any, start: Any, xs: Any,
+                  horizon: int) -> list[np.ndarray]:
+    """Rendered frames of the first trajectory of the batch: the start state and every step.
+
+    Runs once per video, eagerly and without gradients; host syncs are fine here.
+    """
+    carry = initial_carry(env, first_of_batch(start))
+    xs = None if xs is None else xs[:, 0:1]
+    frames = [env.render(carry[0], index=0)]
+    with ops.no_grad():
+        for t in range(horizon):
+            carry, _ = transition(env, act, params, carry, None if xs is None else xs[t])
+            frames.append(env.render(carry[0], index=0))
+    return frames

@@ -1,0 +1,92 @@
+"""Open-loop trajectory optimization by gradient descent through the environment.
+
+Logits ``[B, T, act_dim]`` ~ U(-init_scale, init_scale) are optimized from ``B`` fixed start
+states at once; actions are ``tanh(logits)`` and the loss is the batch mean of the negated
+return (sum of rewards over ``T`` steps). This is Ivy Gym's trajectory-optimization demo,
+batched over start states and run on jax (one jitted update around a ``lax.scan``) or torch
+(autograd, optionally ``torch.compile``).
+
+Start states: seed ``s`` gives ``make(env_name, backend="numpy").reset(s, batch=B)`` moved
+to the env's backend, i.e. the same ``B`` start states on every backend. Example::
+
+    env = gradgym.make("Pendulum", backend="jax")
+    result = optimize(env, TrajectoryConfig(iters=200), seed=0, report=print_metrics)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+from gradgym.envs.core import Env
+from gradgym.pipelines._loop import GRADIENT_STEP_METRICS, LoopSpec, run_loop
+from gradgym.pipelines._rollout import (
+    host_rng,
+    host_uniform,
+    initial_carry,
+    record_frames,
+    rollout_returns,
+    start_states,
+    transition,
+)
+from gradgym.pipelines._rollout import backend_ops
+from gradgym.pipelines.base import PipelineResult, Report, no_report
+from gradgym.pipelines.config import TrajectoryConfig, validate_config
+
+LOGITS_STREAM = 1  # host_rng stream of the initial logits
+
+
+def open_loop_action(xp: Any, params: Any, obs: Any, logits_t: Any) -> Any:
+    """The action of one step of an open-loop plan: ``tanh`` of that step's logits."""
+    return xp.tanh(logits_t)
+
+
+def open_loop_loss(env: Env, ops: Any, step: Any, horizon: int, logits: Any, start: Any):
+    """``(loss, returns [B])`` of the logits ``[B, T, act_dim]`` from ``start``."""
+    time_major = ops.xp.moveaxis(logits, 1, 0)
+    returns = rollout_returns(ops, step, None, initial_carry(env, start), time_major, horizon)
+    return -ops.xp.mean(returns), returns
+
+
+def optimize(env: Env, cfg: Optional[TrajectoryConfig] = None, seed: int = 0,
+             report: Optional[Report] = None) -> PipelineResult:
+    """Optimize open-loop action sequences for ``cfg.batch`` start states of ``env``.
+
+    Args:
+        env: an env made with backend ``"jax"`` or ``"torch"`` (numpy: use ``cem``).
+        cfg: the pipeline config (defaults: Ivy Gym's demo settings, Adam lr 0.1, T=100).
+        seed: selects the start states and the initial logits.
+        report: called with each iteration's metrics and once at the end (see ``base``).
+
+    Returns:
+        A :class:`PipelineResult` whose ``params`` are the optimized logits; ``final_return``
+        is the mean return of those logits, ``best_return`` the best mean return seen.
+
+    Raises:
+        ValueError: an invalid config or a backend without gradients, before any work.
+        NonFiniteReturnError: the return became NaN/inf (everything so far is reported).
+    """
+    cfg = cfg if cfg is not None else TrajectoryConfig()
+    validate_config(cfg, "trajectory")
+    ops = backend_ops(env, "trajectory", gradient=True)
+
+    start = start_states(env, seed, cfg.batch)
+    shape = (cfg.batch, cfg.horizon, env.spec.act_dim)
+    logits = host_uniform(env, host_rng(seed, LOGITS_STREAM), shape, cfg.init_scale)
+    act = functools.partial(open_loop_action, env.xp)
+    step = ops.compile_step(functools.partial(transition, env, act), cfg)
+    trainer = ops.Trainer(functools.partial(open_loop_loss, env, ops, step, cfg.horizon), logits, cfg)
+
+    def render(params: Any) -> list:
+        return record_frames(ops, env, act, None, start, ops.xp.moveaxis(params, 1, 0), cfg.horizon)
+
+    spec = LoopSpec(
+        name=f"trajectory on {env.spec.name} ({env.spec.backend})",
+        iters=cfg.iters,
+        steps_per_iter=cfg.batch * cfg.horizon,
+        step_metrics=GRADIENT_STEP_METRICS,
+        next_inputs=lambda iteration: start,
+        render=render if cfg.render else None,
+        grad_hist_every=cfg.grad_hist_every,
+    )
+    return run_loop(trainer, spec, report or no_report)
