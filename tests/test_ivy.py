@@ -170,3 +170,14 @@ def test_bad_dtype_and_batch(ivy):
         gradgym.make("Pendulum", backend="ivy", dtype="float16")
     with pytest.raises(ValueError, match="batch must be a positive int"):
         gradgym.make("Pendulum", backend="ivy").reset(0, batch=0)
+
+
+def test_wrappers_point_to_the_native_env(ivy):
+    from gradgym.envs import TimeLimit, VecEnv
+
+    env = gradgym.make("Pendulum", backend="ivy")
+    for wrap in (TimeLimit, lambda e: VecEnv(e, num_envs=2)):
+        with pytest.raises(TypeError, match=r"TimeLimit\(env.native_env\(\)\)"):
+            wrap(env)
+    limited = TimeLimit(env.native_env(), max_steps=3)
+    assert limited.spec.horizon == 3
