@@ -77,6 +77,10 @@ class CanvasRenderer(Renderer):
         size: frame width and height in pixels.
     """
 
+    blit = True
+    """Draw frames by blitting (the default); ``False`` redraws the whole figure each frame,
+    which gives the same picture more slowly (the peer in ``benchmarks/render_speed.py``)."""
+
     def __init__(self, view: View, size: int = FRAME_SIZE):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -130,10 +134,6 @@ class CanvasRenderer(Renderer):
         else:
             self._redraw_all()
         return frame_of(self.canvas)
-
-    blit = True
-    """Draw frames by blitting (the default); ``False`` redraws the whole figure each frame,
-    which gives the same picture more slowly (the peer in ``benchmarks/render_speed.py``)."""
 
     def _blit(self) -> None:
         if self._background is None:
