@@ -61,7 +61,9 @@ class TrackingConfig:
 class TestingConfig:
     """Fault-injection switches for tests; leave them off in real runs."""
 
-    crash_on_first_attempt: bool = False  # raise halfway through the first attempt of a run
+    # Raise halfway through each of the first N attempts of a run (1: crash on the first
+    # attempt, then succeed when retried; more than max_failures: keep failing).
+    crash_attempts: int = 0
     iteration_delay_s: float = 0.0  # sleep after every iteration (stretches a run)
 
 
@@ -298,6 +300,9 @@ def validate_run_config(cfg: DictConfig) -> None:
     for key in ("torch_threads",):
         if cfg[key] < 1:
             raise ConfigError(f"invalid value {cfg[key]!r} for {key!r}; allowed: an int >= 1")
+    for key in ("crash_attempts", "iteration_delay_s"):
+        if cfg.testing[key] < 0:
+            raise ConfigError(f"invalid value {cfg.testing[key]!r} for 'testing.{key}'; allowed: >= 0")
     for key in ("flush_every_s", "outage_limit_s", "request_timeout_s"):
         if not cfg.tracking[key] > 0:
             raise ConfigError(f"invalid value {cfg.tracking[key]!r} for 'tracking.{key}'; allowed: > 0")
@@ -357,6 +362,13 @@ def load_sweep_config(path: str | Path | None, overrides: Sequence[str] = ()) ->
             command_line[section][rest] = value
         else:
             others[key] = value
+    run_keys = {f.name for f in fields(RunConfig)} - {f.name for f in fields(SweepConfig)}
+    for key in list(others) + list(content):
+        if key.split(".")[0] in run_keys:
+            raise ConfigError(
+                f"unknown sweep key {key!r}: run-config keys go under overrides "
+                f"(overrides.{key}=...) or grid (grid.{key}=[...])"
+            )
     cfg = OmegaConf.structured(SweepConfig)
     for layer in (content, command_line, _nest(others)):
         cfg = _merge_sweep(cfg, layer)
@@ -370,8 +382,6 @@ def _merge_sweep(cfg: DictConfig, content: Mapping[str, Any]) -> DictConfig:
         return OmegaConf.merge(cfg, content)
     except ConfigKeyError as err:
         message = _unknown_key_message(cfg, err.full_key).replace("allowed keys", "allowed sweep keys")
-        if err.full_key.split(".")[0] in {f.name for f in fields(RunConfig)}:
-            message += f"; run-config keys go under overrides (overrides.{err.full_key}=...) or grid"
         raise ConfigError(message) from None
     except ValidationError as err:
         raise ConfigError(

@@ -32,7 +32,7 @@ OnIteration = Callable[[Mapping[str, float], int], None]
 
 
 class SimulatedCrash(RuntimeError):
-    """Raised by ``testing.crash_on_first_attempt`` to exercise retries."""
+    """Raised by ``testing.crash_attempts`` to exercise retries."""
 
 
 class RunDirExistsError(FileExistsError):
@@ -149,7 +149,7 @@ class _Recorder:
         self.final_step = 0
         self.iter_times: list[float] = []
         self.returns: list[float] = []
-        self._crash_at = cfg.pipeline.iters // 2 if cfg.testing.crash_on_first_attempt and attempt == 1 else None
+        self._crash_at = cfg.pipeline.iters // 2 if attempt <= cfg.testing.crash_attempts else None
         self._bar = _progress_bar(cfg)
 
     def __call__(self, metrics: Mapping[str, float], step: int,
@@ -169,7 +169,10 @@ class _Recorder:
         if self.on_iteration is not None:
             self.on_iteration(metrics, step)
         if self._crash_at is not None and step >= self._crash_at:
-            raise SimulatedCrash(f"testing.crash_on_first_attempt: simulated crash at iteration {step}")
+            raise SimulatedCrash(
+                f"testing.crash_attempts={self.cfg.testing.crash_attempts}: simulated crash of "
+                f"attempt {self.attempt} at iteration {step}"
+            )
         if self.cfg.testing.iteration_delay_s:
             time.sleep(self.cfg.testing.iteration_delay_s)
 

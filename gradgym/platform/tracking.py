@@ -186,6 +186,7 @@ class RunTracker:
                  tags: Mapping[str, str], params: Mapping[str, str],
                  parent_run_id: Optional[str] = None):
         self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.enabled = bool(cfg.enabled)
         self.uri = resolve_tracking_uri(cfg.uri) if self.enabled else None
