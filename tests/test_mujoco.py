@@ -135,6 +135,29 @@ def test_batched_step_equals_one_env_at_a_time():
             assert reward_i[0] == reward[i] and done_i[0] == done[i]
 
 
+@pytest.mark.parametrize("name", ["HalfCheetah-v5", "Ant-v5"])  # MuJoCo's batch; the MjData loop
+def test_threads_give_the_same_steps(name):
+    one = gradgym.make(name, dtype="float64")
+    two = gradgym.make(name, dtype="float64", num_threads=2)
+    state = one.reset(4, batch=7)
+    actions = np.random.default_rng(4).uniform(-1, 1, (5, 7, one.spec.act_dim))
+    state_one = state_two = state
+    for action in actions:
+        state_one, obs_one, _, _ = one.step(state_one, action)
+        state_two, obs_two, _, _ = two.step(state_two, action)
+        np.testing.assert_array_equal(obs_one, obs_two)
+
+
+def test_tasks_pickle_without_their_engine():
+    import pickle
+
+    env = gradgym.make("Ant-v5", healthy_z_range=(0.3, 1.0))
+    env.reset(0, batch=2)  # builds the engine
+    task = pickle.loads(pickle.dumps(env.task))
+    assert task == env.task and "_physics" not in task.__dict__
+    assert task.physics.nq == 15
+
+
 # ----------------------------------------------------------------------------- backends
 
 

@@ -99,7 +99,19 @@ class MujocoTask(Task):
     @property
     def physics(self) -> "Physics":
         """The MuJoCo engine of this task (one per distinct task, shared by its envs)."""
-        return _physics(self)
+        physics = self.__dict__.get("_physics")
+        if physics is None:  # kept on the instance: the step path reads it often
+            physics = _physics(self)
+            object.__setattr__(self, "_physics", physics)
+        return physics
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the engine (threads, MuJoCo batches) is rebuilt where the task is unpickled
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
 
     @property
     def dt(self) -> float:  # type: ignore[override]
@@ -175,10 +187,9 @@ class MujocoTask(Task):
 
     def ctrl_from_action(self, xp: Any, action: Any) -> Any:
         """Map actions in [-1, 1] linearly onto the actuators' control ranges."""
-        low, high = self.physics.model.actuator_ctrlrange.T
-        half, center = (high - low) / 2.0, (high + low) / 2.0
-        if np.all(half == half[0]) and np.all(center == 0.0):
-            return action * float(half[0])
+        half, center = self.physics.ctrl_half_range, self.physics.ctrl_center
+        if isinstance(half, float) and center == 0.0:  # one symmetric range (all 8 tasks)
+            return action * half
         return action * xp.asarray(half, dtype=action.dtype) + xp.asarray(center, dtype=action.dtype)
 
     def tracked_xy(self, xp: Any, qpos: Any, readouts: Any) -> Any:

@@ -16,10 +16,11 @@ Two engines run the batch:
 
 - ``mujoco.batch.Batch`` (MuJoCo's own C thread pool over state rows) for tasks whose
   readouts ``mj_step`` computes itself;
-- a loop over one ``MjData`` for tasks that read post-constraint forces, because
-  ``mj_rnePostConstraint`` must run between the step and the readout, which the batch
-  cannot do. These tasks (Ant, Humanoid) spend 0.1-0.5 ms per env step in the engine,
-  so the loop's per-env Python cost (a few microseconds) is small beside it.
+- a loop over ``MjData`` (one per thread; ``mj_step`` releases the GIL) for tasks that
+  read post-constraint forces, because ``mj_rnePostConstraint`` must run between the step
+  and the readout, which the batch cannot do. These tasks (Ant, Humanoid) spend
+  0.1-0.5 ms per env step in the engine, so the loop's per-env Python cost (a few
+  microseconds) is small beside it.
 
 Jacobians of an env step (outputs ``[qpos, qvel, readouts]`` with respect to inputs
 ``[qpos, qvel, ctrl]``; the warm start is held fixed) come from
@@ -31,8 +32,10 @@ finite differences over the whole env step, all perturbations stepped as one bat
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -112,7 +115,8 @@ class Physics:
         frame_skip: ``mj_step`` calls per env step.
         readouts: ``MjData`` fields copied out after every step and reset, e.g.
             ``("cfrc_ext",)``; whole fields, flattened in this order.
-        num_threads: threads of MuJoCo's batch engine (1: the calling thread only).
+        num_threads: threads a batch is stepped on (1: the calling thread only; 0: one
+            per CPU).
         fd_eps: finite-difference step of the Jacobians.
         jacobian_method: ``"transitionFD"`` (MuJoCo's ``mjd_transitionFD`` chained over
             the substeps; not for RK4, readouts or quaternions), ``"central"`` (central
@@ -127,6 +131,12 @@ class Physics:
         self.num_threads = int(num_threads)
         self.fd_eps = float(fd_eps)
         self.nq, self.nv, self.nu = model.nq, model.nv, model.nu
+        low, high = model.actuator_ctrlrange.T
+        half, center = (high - low) / 2.0, (high + low) / 2.0
+        uniform = np.all(half == half[0]) and np.all(center == center[0])
+        # The actuators' ranges as (half width, center): floats when all are alike.
+        self.ctrl_half_range = float(half[0]) if uniform else half
+        self.ctrl_center = float(center[0]) if uniform else center
         self._data = mujoco.MjData(model)
         self.readout_shapes = {name: getattr(self._data, name).shape for name in self.readouts}
         self.readout_slices: dict[str, slice] = {}
@@ -155,7 +165,10 @@ class Physics:
             )
         self.jacobian_method = jacobian_method
         self._state_size = mujoco.mj_stateSize(model, _STATE_SPEC)
-        self._batches: OrderedDict[int, mj_batch.Batch] = OrderedDict()
+        self._batches: OrderedDict[int, tuple[mj_batch.Batch, dict[str, np.ndarray]]] = OrderedDict()
+        self._pool: ThreadPoolExecutor | None = None  # threads of the MjData loop
+        self._pool_size = 0
+        self._pool_data: list[mujoco.MjData] = []
         self._lock = threading.Lock()
 
     @property
@@ -197,47 +210,70 @@ class Physics:
         return self._step_batch(qpos, qvel, ctrl, warmstart)
 
     def _step_batch(self, qpos, qvel, ctrl, warmstart):
-        batch = self._batch(qpos.shape[0])
-        batch.bind("qpos")[:] = qpos
-        batch.bind("qvel")[:] = qvel
-        batch.bind("qacc_warmstart")[:] = warmstart
-        batch.bind("ctrl")[:] = ctrl
+        n = qpos.shape[0]
+        batch, views = self._batch(n)
+        views["qpos"][:] = qpos
+        views["qvel"][:] = qvel
+        views["qacc_warmstart"][:] = warmstart
+        views["ctrl"][:] = ctrl
         batch.step(nstep=self.frame_skip)
         readouts = np.concatenate(
-            [np.reshape(batch.bind(name), (qpos.shape[0], -1)) for name in self.readouts]
-            or [np.zeros((qpos.shape[0], 0))],
+            [np.reshape(views[name], (n, -1)) for name in self.readouts] or [np.zeros((n, 0))],
             axis=1,
         )
-        return (batch.bind("qpos").copy(), batch.bind("qvel").copy(), readouts,
-                batch.bind("qacc_warmstart").copy())
+        return views["qpos"].copy(), views["qvel"].copy(), readouts, views["qacc_warmstart"].copy()
 
-    def _batch(self, size: int) -> mj_batch.Batch:
-        batch = self._batches.get(size)
-        if batch is None:
+    def _batch(self, size: int) -> tuple[mj_batch.Batch, dict[str, np.ndarray]]:
+        """A batch of ``size`` simulations and its bound fields (live views)."""
+        entry = self._batches.get(size)
+        if entry is None:
             batch = mj_batch.Batch(self.model, nsim=size, nthread=self.num_threads)
             batch.reset(stage=mujoco.mjtStage.mjSTAGE_NONE)
-            for name in self.readouts:  # outputs are copied only once bound
-                batch.bind(name)
-            self._batches[size] = batch
+            # outputs are copied out only once bound, so bind before stepping
+            names = ("qpos", "qvel", "qacc_warmstart", "ctrl") + self.readouts
+            entry = (batch, {name: batch.bind(name) for name in names})
+            self._batches[size] = entry
             if len(self._batches) > _BATCH_CACHE_SIZE:
                 self._batches.popitem(last=False)
         else:
             self._batches.move_to_end(size)
-        return batch
+        return entry
 
     def _step_loop(self, qpos, qvel, ctrl, warmstart):
-        n, m, d = qpos.shape[0], self.model, self._data
+        n = qpos.shape[0]
         rows = np.empty((n, self._state_size))
         self._pack(rows, qpos, qvel, warmstart, ctrl)
         readouts = np.empty((n, self.readout_size))
-        for i in range(n):
+        threads = max(1, min(self.num_threads or os.cpu_count() or 1, n))
+        if threads == 1:
+            self._step_rows(self._data, rows, readouts)
+        else:  # mj_step releases the GIL: slices of the batch step in parallel
+            bounds = np.linspace(0, n, threads + 1).astype(int)
+            slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+            pool, datas = self._thread_pool(threads)
+            list(pool.map(lambda d, part: self._step_rows(d, rows[part], readouts[part]),
+                          datas, slices))
+        out_qpos, out_qvel, out_warm, _ = self._unpack(rows)
+        return out_qpos, out_qvel, readouts, out_warm
+
+    def _step_rows(self, d: mujoco.MjData, rows: np.ndarray, readouts: np.ndarray) -> None:
+        """Step every state row (a view) in place with MjData ``d``."""
+        m = self.model
+        for i in range(rows.shape[0]):
             mujoco.mj_setState(m, d, rows[i], _STATE_SPEC)
             mujoco.mj_step(m, d, nstep=self.frame_skip)
             mujoco.mj_rnePostConstraint(m, d)
             mujoco.mj_getState(m, d, rows[i], _STATE_SPEC)
             self._copy_readouts(d, readouts[i])
-        out_qpos, out_qvel, out_warm, _ = self._unpack(rows)
-        return out_qpos, out_qvel, readouts, out_warm
+
+    def _thread_pool(self, threads: int) -> tuple[ThreadPoolExecutor, list[mujoco.MjData]]:
+        if self._pool is None or self._pool_size != threads:
+            if self._pool is not None:
+                self._pool.shutdown()
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="gradgym-mujoco")
+            self._pool_size = threads
+            self._pool_data = [mujoco.MjData(self.model) for _ in range(threads)]
+        return self._pool, self._pool_data
 
     def _pack(self, rows, qpos, qvel, warmstart, ctrl):
         # mj_setState's layout for _STATE_SPEC: qpos, qvel, warm start, ctrl
