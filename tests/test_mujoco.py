@@ -210,6 +210,21 @@ def test_jax_jit_vmap_and_scan_through_the_step():
     np.testing.assert_allclose(np.reshape(np.asarray(vmapped_obs), obs.shape), obs, rtol=1e-12)
 
 
+def test_torch_compile_through_a_mujoco_step():
+    torch = pytest.importorskip("torch")
+    env = gradgym.make("HalfCheetah-v5", backend="torch", dtype="float64")
+    state = env.reset(0, batch=2)
+    action = torch.full((2, env.spec.act_dim), 0.3, dtype=torch.float64, requires_grad=True)
+    # dynamo tracing with the graph break at the host call; "eager" skips inductor codegen
+    _, obs, reward, _ = torch.compile(env.step, backend="eager")(state, action)
+    (grad,) = torch.autograd.grad(reward.sum(), action)
+    _, eager_obs, eager_reward, _ = env.step(state, action)
+    (eager_grad,) = torch.autograd.grad(eager_reward.sum(), action)
+    torch.testing.assert_close(obs, eager_obs)
+    torch.testing.assert_close(grad, eager_grad)
+    assert grad.abs().sum() > 0
+
+
 def test_float32_env_keeps_its_dtype():
     torch = pytest.importorskip("torch")
     env = gradgym.make("HalfCheetah-v5", backend="torch")

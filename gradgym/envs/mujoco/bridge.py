@@ -39,7 +39,7 @@ def physics_step(xp: Any, physics: Physics, qpos: Any, qvel: Any, ctrl: Any,
     backend and dtype, differentiable on torch and jax with respect to qpos, qvel, ctrl."""
     kind = namespace_kind(xp)
     if kind == "torch":
-        return _TorchStep.apply(physics, qpos, qvel, ctrl, warmstart)
+        return _torch_step.apply(physics, qpos, qvel, ctrl, warmstart)
     if kind == "jax":
         return _jax_step(physics)(qpos, qvel, ctrl, warmstart)
     out = physics.step(qpos, qvel, ctrl, warmstart)
@@ -105,14 +105,14 @@ class _LazyTorchStep:
     """Defers importing torch until a torch env steps."""
 
     @functools.cached_property
-    def function(self) -> type:
-        return _torch_function()
+    def apply(self) -> Any:
+        import torch
 
-    def apply(self, *args: Any) -> Any:
-        return self.function.apply(*args)
+        # torch.compile stops at the host call (a graph break) instead of tracing MuJoCo
+        return torch.compiler.disable(_torch_function().apply)
 
 
-_TorchStep = _LazyTorchStep()
+_torch_step = _LazyTorchStep()
 
 
 # ---------------------------------------------------------------------------- jax
