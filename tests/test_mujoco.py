@@ -314,6 +314,8 @@ def test_state_from_qpos_qvel_rejects_wrong_shapes():
         ({"main_body": "tail"}, "main_body 'tail' is not a body"),
         ({"xml_file": "no_such_robot.xml"}, "neither a path nor one of Gymnasium's MuJoCo assets"),
         ({"gravity": 1.0}, "unknown argument"),
+        ({"ctrl_cost_weight": "high"}, "ctrl_cost_weight must be a number"),
+        ({"terminate_when_unhealthy": 0}, "terminate_when_unhealthy must be True or False"),
     ],
 )
 def test_bad_task_arguments_are_rejected(kwargs, message):

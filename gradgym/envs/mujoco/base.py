@@ -86,13 +86,12 @@ class MujocoTask(Task):
         _check_int(self, "width", 1)
         _check_int(self, "height", 1)
         _check_int(self, "num_threads", 0)
-        if not (isinstance(self.reset_noise_scale, (int, float)) and self.reset_noise_scale >= 0):
+        for field in dataclasses.fields(self):
+            _check_like_default(self, field)
+        if self.reset_noise_scale < 0:
             raise ValueError(
                 f"{self.name}: reset_noise_scale must be a number >= 0, got {self.reset_noise_scale!r}"
             )
-        for field in dataclasses.fields(self):
-            if field.name.endswith("_range"):
-                _check_range(self, field.name)
         asset_path(self.xml_file)
 
     # ------------------------------------------------------------------ model facts
@@ -241,6 +240,21 @@ def _check_int(task: Task, name: str, minimum: int) -> None:
     value = getattr(task, name)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{task.name}: {name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_like_default(task: Task, field: dataclasses.Field) -> None:
+    """Flags must be bools, weights and scales real numbers, ranges (low, high) pairs."""
+    value, default = getattr(task, field.name), field.default
+    if field.name.endswith("_range"):
+        _check_range(task, field.name)
+    elif isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{task.name}: {field.name} must be True or False, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise ValueError(f"{task.name}: {field.name} must be a number, got {value!r}")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise ValueError(f"{task.name}: {field.name} must be a string, got {value!r}")
 
 
 def _check_range(task: Task, name: str) -> None:

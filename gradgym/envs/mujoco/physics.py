@@ -125,6 +125,12 @@ class Physics:
 
     def __init__(self, model: mujoco.MjModel, frame_skip: int, readouts: tuple[str, ...] = (),
                  num_threads: int = 1, fd_eps: float = 1e-6, jacobian_method: str = "auto"):
+        if model.na:
+            # the functional state carries qpos, qvel, ctrl and the warm start only
+            raise ValueError(
+                f"models with actuator activations (na = {model.na}) are not supported: "
+                "the state would have to carry them"
+            )
         self.model = model
         self.frame_skip = int(frame_skip)
         self.readouts = tuple(readouts)
