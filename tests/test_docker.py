@@ -830,6 +830,41 @@ def test_entrypoints_run_a_sweep_on_ray_into_mlflow_on_postgres(postgres, tmp_pa
             assert list(artifacts.rglob(run.info.run_id)), (
                 f"no artifacts of {run.info.run_name} under {artifacts}"
             )
+
+        # The worker leaves (as `docker stop` stops it); the cluster goes on with the head.
+        # With a GCS address instead of the Jobs API, the same script runs the driver here.
+        worker.stop()
+        assert worker.process.returncode is not None
+        (work / "configs" / "sweeps" / "docker-e2e-here.yaml").write_text(
+            TINY_SWEEP.replace("name: docker-e2e", "name: docker-e2e-here").replace(
+                "seed: [0, 1]", "seed: [2]"
+            )
+        )
+        here = _run_script(
+            "submit-sweep.sh",
+            "configs/sweeps/docker-e2e-here.yaml",
+            cwd=work,
+            timeout=600,
+            env={
+                **ray_env,
+                "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
+                "MLFLOW_TRACKING_URI": tracking_uri,
+                "SWEEP_STORAGE": str(tmp_path / "sweeps"),
+            },
+        )
+        assert here.returncode == 0, here.stdout[-5000:] + here.stderr[-3000:]
+        assert (tmp_path / "sweeps" / "docker-e2e-here" / "summary.csv").is_file()
+        known = {r.info.run_id for r in runs}
+        new = [
+            r
+            for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if r.info.run_id not in known
+        ]
+        # One parent run (no seed) and one trial, both finished.
+        assert sorted((r.data.tags.get("seed", ""), r.info.status) for r in new) == [
+            ("", "FINISHED"),
+            ("2", "FINISHED"),
+        ], [r.info.run_name for r in new]
     finally:
         for service in reversed(services):
             service.stop()
