@@ -759,8 +759,8 @@ def test_entrypoints_run_a_sweep_on_ray_into_mlflow_on_postgres(postgres, tmp_pa
         assert waited.returncode == 0, waited.stderr + mlflow_server.tail()
         head.wait_until(lambda: _http_ok(f"{dashboard}/api/gcs_healthz"), 300, "healthy dashboard")
 
-        # A second node on this machine: its own session root and dashboard-agent port (the
-        # default agent port is what made a second `ray start` abort here before).
+        # A second node on this machine, sharing no files or ports with the head: its own
+        # session root and dashboard-agent port.
         worker = _Service(
             "ray-worker.sh",
             {
