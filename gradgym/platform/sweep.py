@@ -275,11 +275,23 @@ def _init_ray(cfg: DictConfig) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env_vars})  # that cluster, unchanged
         return True
-    # Ray's local-only mode: every Ray process binds to loopback, none to 0.0.0.0.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False,
+    _local_only_ray()
+    # address="local": a new instance, even if `ray start` left a cluster on this machine.
+    ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
              object_store_memory=LOCAL_OBJECT_STORE_BYTES, runtime_env={"env_vars": env_vars})
     return True
+
+
+def _local_only_ray() -> None:
+    """Ray's local-only mode: every Ray process binds to loopback, none to 0.0.0.0.
+
+    Ray reads the variable when it is imported; children (GCS, raylet, workers) read it from
+    the environment. If this process imported Ray before, its constant is set too.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _param_space(cfg: DictConfig) -> dict[str, Any]:
