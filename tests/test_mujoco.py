@@ -104,10 +104,27 @@ def test_parity_with_gymnasium_v5(name):
             break
 
 
-@pytest.mark.parametrize("name", ["Hopper-v5", "Ant-v5", "Humanoid-v5"])
-def test_parity_without_termination_runs_all_steps(name):
-    """With ``terminate_when_unhealthy=False`` the whole 200 steps are compared, through
-    falls and ground contact, and the healthy reward still follows health."""
+@pytest.mark.parametrize("name", MUJOCO_ENVS)
+def test_parity_continues_past_termination(name):
+    """Random actions end most episodes within a few steps; stepping both envs on (the bare
+    Gymnasium env keeps simulating) compares all 200 steps, through falls and contacts."""
+    reference, _, env, state = gymnasium_start(name, seed=5)
+    reference = reference.unwrapped  # no TimeLimit / order checks: steps after termination
+    actions = np.random.default_rng(5).uniform(-1.0, 1.0, (PARITY_STEPS, 1, env.spec.act_dim))
+    controls = env.task.ctrl_from_action(np, actions)
+    for t in range(PARITY_STEPS):
+        state, obs, reward, done = env.step(state, actions[t])
+        ref_obs, ref_reward, ref_terminated, _, _ = reference.step(controls[t, 0])
+        np.testing.assert_allclose(obs[0], ref_obs, rtol=PARITY_TOL, atol=PARITY_TOL,
+                                   err_msg=f"{name} observation at step {t}")
+        assert reward[0] == pytest.approx(ref_reward, rel=PARITY_TOL, abs=PARITY_TOL), f"step {t}"
+        assert bool(done[0]) == ref_terminated, f"{name}: termination differs at step {t}"
+
+
+@pytest.mark.parametrize("name", ["Hopper-v5", "Walker2d-v5", "Ant-v5", "Humanoid-v5"])
+def test_parity_with_terminate_when_unhealthy_off(name):
+    """The constructor argument reaches both sides: never done, while the healthy reward
+    still follows health."""
     reference, _, env, state = gymnasium_start(name, seed=3, terminate_when_unhealthy=False)
     actions = np.random.default_rng(3).uniform(-1.0, 1.0, (PARITY_STEPS, 1, env.spec.act_dim))
     controls = env.task.ctrl_from_action(np, actions)

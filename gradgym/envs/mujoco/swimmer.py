@@ -1,7 +1,7 @@
 """Swimmer-v5: a three-link snake swimming forward in a viscous fluid (Gymnasium v5).
 
 ============  =============================================================
-observation   ``[qpos[2:], qvel]`` (the x, y of the front tip left out)  (8)
+observation   ``[qpos[2:], qvel]`` (the root x, y left out)  (8)
 action        two joint torques in [-1, 1]  (2)
 reward        ``forward_reward_weight * x_velocity - ctrl_cost_weight * |u|^2``
 terminated    never
