@@ -17,7 +17,8 @@ import numpy as np
 # Columns of the summary table that come first, in this order; then the swept keys.
 SUMMARY_COLUMNS = (
     "trial", "status", "env", "backend", "pipeline", "seed", "iterations", "final_return",
-    "best_return", "compile_time_s", "wall_time_s", "mean_iter_time_s", "mlflow_run_id", "error",
+    "best_return", "compile_time_s", "wall_time_s", "trial_time_s", "mean_iter_time_s",
+    "mlflow_run_id", "error",
 )
 
 

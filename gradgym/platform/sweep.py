@@ -70,6 +70,7 @@ class SweepOutcome:
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per trial
     parent_run_id: Optional[str] = None
     tracking_uri: Optional[str] = None
+    fit_wall_s: float = 0.0  # wall time of Ray Tune's fit (all trials, without Ray's start)
 
     @property
     def all_finished(self) -> bool:
@@ -252,8 +253,12 @@ def _run(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any], restore: b
                     failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                 ),
             )
+        began = time.perf_counter()
         results = tuner.fit()
-        return _finish(cfg, sweep_dir, parent, results)
+        fit_wall_s = time.perf_counter() - began
+        outcome = _finish(cfg, sweep_dir, parent, results)
+        outcome.fit_wall_s = fit_wall_s
+        return outcome
     finally:
         if started_ray:
             import ray
@@ -402,7 +407,8 @@ def _collect(cfg: DictConfig, sweep_dir: Path, results: Any) -> tuple[list[dict]
         if result.error is not None:
             status = "FAILED"
         row = {"trial": trial, **summary, "status": status, **values,
-               "mlflow_run_id": state.get("run_id", summary.get("mlflow_run_id", ""))}
+               "mlflow_run_id": state.get("run_id", summary.get("mlflow_run_id", "")),
+               "trial_time_s": result.metrics.get("time_total_s")}  # all of it, per Tune
         if result.error is not None:
             row["error"] = f"{type(result.error).__name__}: {result.error}"[:2000]
         rows.append(row)
