@@ -61,9 +61,9 @@ class Ant(MujocoTask):
                 f"bodies: {names} (or their index)"
             ) from err
 
-    def tracked_xy(self, xp: Any, qpos: Any, readouts: Any) -> Any:
+    def tracked_x(self, xp: Any, qpos: Any, readouts: Any) -> Any:
         body = self.physics.model.body(self.main_body).id
-        return self.readout(xp, readouts, "xpos")[..., body, 0:2]
+        return self.readout(xp, readouts, "xpos")[..., body, 0]
 
     def contact_forces(self, xp: Any, state: MujocoState) -> Any:
         """``[..., nbody, 6]`` external contact forces, clipped to ``contact_force_range``."""
@@ -86,7 +86,7 @@ class Ant(MujocoTask):
         return xp.logical_and(finite, inside(xp, state.qpos[..., 2], self.healthy_z_range, closed=True))
 
     def reward(self, xp: Any, state: MujocoState) -> Any:
-        forward = self.forward_reward_weight * state.xy_velocity[..., 0]
+        forward = self.forward_reward_weight * state.x_velocity
         alive = self.healthy_reward * indicator(xp, self.healthy(xp, state), forward)
         forces = self.contact_forces(xp, state)
         contact = self.contact_cost_weight * xp.sum(xp.sum(forces * forces, axis=-1), axis=-1)

@@ -37,7 +37,7 @@ class MujocoState(NamedTuple):
     qpos: Any  # [B, nq] generalized positions (MuJoCo's qpos)
     qvel: Any  # [B, nv] generalized velocities
     ctrl: Any  # [B, nu] actuator controls applied by the last step (zeros after reset)
-    xy_velocity: Any  # [B, 2] velocity of the task's tracked point over the last step
+    x_velocity: Any  # [B] forward (x) velocity of the task's tracked point over the last step
     readouts: Any  # [B, k] MjData fields the task reads after a step, flattened
     warmstart: Any  # [B, nv] constraint-solver warm start: bookkeeping, no gradient
 
@@ -160,7 +160,7 @@ class MujocoTask(Task):
             qpos=qpos,
             qvel=qvel,
             ctrl=backend.zeros((batch, physics.nu)),
-            xy_velocity=backend.zeros((batch, 2)),
+            x_velocity=backend.zeros((batch,)),
             readouts=physics_readouts(backend.xp, physics, qpos, qvel),
             warmstart=backend.zeros((batch, physics.nv)),
         )
@@ -168,7 +168,7 @@ class MujocoTask(Task):
     def _zero_state(self) -> MujocoState:
         p = self.physics
         return MujocoState(
-            np.zeros((1, p.nq)), np.zeros((1, p.nv)), np.zeros((1, p.nu)), np.zeros((1, 2)),
+            np.zeros((1, p.nq)), np.zeros((1, p.nv)), np.zeros((1, p.nu)), np.zeros(1),
             np.zeros((1, p.readout_size)), np.zeros((1, p.nv)),
         )
 
@@ -180,8 +180,8 @@ class MujocoTask(Task):
         qpos, qvel, readouts, warmstart = physics_step(
             xp, self.physics, state.qpos, state.qvel, ctrl, state.warmstart
         )
-        before = self.tracked_xy(xp, state.qpos, state.readouts)
-        after = self.tracked_xy(xp, qpos, readouts)
+        before = self.tracked_x(xp, state.qpos, state.readouts)
+        after = self.tracked_x(xp, qpos, readouts)
         return MujocoState(qpos, qvel, ctrl, (after - before) / self.dt, readouts, warmstart)
 
     def ctrl_from_action(self, xp: Any, action: Any) -> Any:
@@ -191,11 +191,10 @@ class MujocoTask(Task):
             return action * half
         return action * xp.asarray(half, dtype=action.dtype) + xp.asarray(center, dtype=action.dtype)
 
-    def tracked_xy(self, xp: Any, qpos: Any, readouts: Any) -> Any:
-        """``[..., 2]`` position whose velocity the forward reward pays; by default the
-        first generalized coordinate (the root's x slide) and 0."""
-        x = qpos[..., 0]
-        return xp.stack([x, xp.zeros_like(x)], axis=-1)
+    def tracked_x(self, xp: Any, qpos: Any, readouts: Any) -> Any:
+        """``[...]`` x position whose velocity the forward reward pays; by default the
+        first generalized coordinate (the root's x slide)."""
+        return qpos[..., 0]
 
     def readout(self, xp: Any, readouts: Any, name: str) -> Any:
         """Readout field ``name`` with its MjData shape, ``[..., *shape]``."""

@@ -41,5 +41,5 @@ class HalfCheetah(MujocoTask):
         return xp.concat([state.qpos[..., skip:], state.qvel], axis=-1)
 
     def reward(self, xp: Any, state: MujocoState) -> Any:
-        forward = self.forward_reward_weight * state.xy_velocity[..., 0]
+        forward = self.forward_reward_weight * state.x_velocity
         return forward - control_cost(xp, state.ctrl, self.ctrl_cost_weight)

@@ -52,11 +52,10 @@ class Humanoid(MujocoTask):
     readout_fields = ("xipos", "cinert", "cvel", "qfrc_actuator", "cfrc_ext")
     camera = Camera(distance=4.0, elevation=-20.0, lookat=(0.0, 0.0, 2.0), track_body=1)
 
-    def tracked_xy(self, xp: Any, qpos: Any, readouts: Any) -> Any:
+    def tracked_x(self, xp: Any, qpos: Any, readouts: Any) -> Any:
         xipos = self.readout(xp, readouts, "xipos")
         mass = xp.asarray(self.physics.model.body_mass, dtype=xipos.dtype)
-        center = xp.sum(mass[:, None] * xipos, axis=-2) / xp.sum(mass)
-        return center[..., 0:2]
+        return xp.sum(mass * xipos[..., 0], axis=-1) / xp.sum(mass)
 
     def observe(self, xp: Any, state: MujocoState) -> Any:
         skip = 2 if self.exclude_current_positions_from_observation else 0
@@ -81,7 +80,7 @@ class Humanoid(MujocoTask):
         return inside(xp, state.qpos[..., 2], self.healthy_z_range)
 
     def reward(self, xp: Any, state: MujocoState) -> Any:
-        forward = self.forward_reward_weight * state.xy_velocity[..., 0]
+        forward = self.forward_reward_weight * state.x_velocity
         alive = self.healthy_reward * indicator(xp, self.healthy(xp, state), forward)
         forces = self.readout(xp, state.readouts, "cfrc_ext")
         low, high = self.contact_cost_range

@@ -136,6 +136,7 @@ class Physics:
         self.readouts = tuple(readouts)
         self.num_threads = int(num_threads)
         self.fd_eps = float(fd_eps)
+        self.dt = model.opt.timestep * self.frame_skip  # seconds per env step, as Gymnasium has it
         self.nq, self.nv, self.nu = model.nq, model.nv, model.nu
         low, high = model.actuator_ctrlrange.T
         half, center = (high - low) / 2.0, (high + low) / 2.0
@@ -177,20 +178,16 @@ class Physics:
         self._pool_data: list[mujoco.MjData] = []
         self._lock = threading.Lock()
 
-    @property
-    def dt(self) -> float:
-        """Seconds per env step (the way Gymnasium computes it)."""
-        return self.model.opt.timestep * self.frame_skip
 
     # ------------------------------------------------------------------ stepping
     def step(self, qpos: np.ndarray, qvel: np.ndarray, ctrl: np.ndarray,
              warmstart: np.ndarray) -> StepOutput:
         """One env step of every environment; inputs are ``[..., n]`` float arrays."""
         lead = qpos.shape[:-1]
-        flat = [np.ascontiguousarray(np.reshape(x, (-1, x.shape[-1])), dtype=np.float64)
-                for x in (qpos, qvel, ctrl, warmstart)]
         with self._lock:
-            out = self._step_flat(*flat)
+            out = self._step_flat(*_flat_float64(qpos, qvel, ctrl, warmstart))
+        if len(lead) == 1:
+            return StepOutput(*out)
         return StepOutput(*(np.reshape(x, lead + x.shape[1:]) for x in out))
 
     def forward(self, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
@@ -304,8 +301,7 @@ class Physics:
         """``d[qpos', qvel', readouts] / d[qpos, qvel, ctrl]`` of one env step,
         ``[..., nq + nv + readout_size, nq + nv + nu]``, the warm start held fixed."""
         lead = qpos.shape[:-1]
-        flat = [np.ascontiguousarray(np.reshape(x, (-1, x.shape[-1])), dtype=np.float64)
-                for x in (qpos, qvel, ctrl, warmstart)]
+        flat = _flat_float64(qpos, qvel, ctrl, warmstart)
         with self._lock:
             if self.jacobian_method == "transitionFD":
                 jac = self._jacobian_transition_fd(*flat)
@@ -363,3 +359,9 @@ class Physics:
             jac[i, :, :2 * nv] = jac_x
             jac[i, :, 2 * nv:] = jac_u
         return jac
+
+
+def _flat_float64(*arrays: np.ndarray) -> list[np.ndarray]:
+    """``[..., n]`` arrays as C-contiguous float64 ``[N, n]`` (no copy when they are)."""
+    return [np.ascontiguousarray(x if x.ndim == 2 else np.reshape(x, (-1, x.shape[-1])),
+                                 dtype=np.float64) for x in arrays]

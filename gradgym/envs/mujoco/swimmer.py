@@ -34,13 +34,10 @@ class Swimmer(MujocoTask):
     name = "Swimmer-v5"
     camera = Camera(distance=5.0, elevation=-60.0, track_body=1)
 
-    def tracked_xy(self, xp: Any, qpos: Any, readouts: Any) -> Any:
-        return qpos[..., 0:2]
-
     def observe(self, xp: Any, state: MujocoState) -> Any:
         skip = 2 if self.exclude_current_positions_from_observation else 0
         return xp.concat([state.qpos[..., skip:], state.qvel], axis=-1)
 
     def reward(self, xp: Any, state: MujocoState) -> Any:
-        forward = self.forward_reward_weight * state.xy_velocity[..., 0]
+        forward = self.forward_reward_weight * state.x_velocity
         return forward - control_cost(xp, state.ctrl, self.ctrl_cost_weight)

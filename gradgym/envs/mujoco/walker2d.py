@@ -52,7 +52,7 @@ class Walker2d(MujocoTask):
         )
 
     def reward(self, xp: Any, state: MujocoState) -> Any:
-        forward = self.forward_reward_weight * state.xy_velocity[..., 0]
+        forward = self.forward_reward_weight * state.x_velocity
         alive = self.healthy_reward * indicator(xp, self.healthy(xp, state), forward)
         return forward + alive - control_cost(xp, state.ctrl, self.ctrl_cost_weight)
 
