@@ -327,7 +327,7 @@ class Probe(Task):
 
     ``kink``: sqrt(|x|), whose gradient at 0 is NaN (0 * inf) on jax and torch;
     ``log``: log(x - 1), NaN at x = 0;
-    ``count``: 1 every step; terminates after ``stop`` steps.
+    ``count``: 1 every step, whatever the actions; terminates after ``stop`` steps.
     """
 
     kind: str = "count"
@@ -358,7 +358,7 @@ class Probe(Task):
             return xp.sqrt(xp.abs(state.x))
         if self.kind == "log":
             return xp.log(state.x - 1.0)
-        return 1.0 + 0.0 * state.x
+        return xp.ones_like(state.x)  # no gradient path at all: gradients are zeros
 
     def terminated(self, backend, state):
         return state.t >= self.stop
@@ -399,6 +399,7 @@ def test_rewards_after_the_first_done_are_masked(backend):
     if backend != "numpy":
         result = trajectory.optimize(env, small_trajectory(iters=1, horizon=10))
         assert result.history[0]["return_mean"] == 3.0 and result.final_return == 3.0
+        assert result.history[0]["grad_norm"] == 0.0
 
 
 # ---------------------------------------------------------------------- rendering

@@ -63,6 +63,8 @@ class Trainer:
     def __init__(self, loss_fn: LossFn, params: Any, cfg: Any):
         self.params = tree_map(lambda p: p.detach().clone().requires_grad_(True), params)
         self._leaves = tree_leaves(self.params)
+        for leaf in self._leaves:
+            leaf.grad = torch.zeros_like(leaf)
         self._optimizer, self._scheduler = make_optimizer(self._leaves, cfg)
         self._loss_fn = loss_fn
         self._grad_clip = cfg.grad_clip
@@ -86,8 +88,9 @@ class Trainer:
     def step(self, inputs: Any) -> list[float]:
         """One update; the values of ``STEP_METRICS`` at the parameters before it."""
         loss, returns = self._loss_fn(self.params, inputs)
-        self._optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self._optimizer.zero_grad(set_to_none=False)  # zeros where the loss has no path
+        if loss.requires_grad:  # e.g. a constant reward whose only dependence is through done
+            loss.backward()
         flat = torch.cat([p.grad.reshape(-1) for p in self._leaves])
         metrics = torch.stack([
             returns.mean(), returns.min(), returns.max(), loss.detach(),
