@@ -140,12 +140,33 @@ def test_crashed_trial_is_retried_and_a_failing_trial_is_marked_failed(tmp_path)
     assert attempts == {"FINISHED": 2, "FAILED": 2}  # max_failures=1: two attempts each
 
 
+def test_asha_stops_a_poor_trial_early(tmp_path):
+    """Trials run one at a time, so at the first rung the poor learning rate meets the good
+    one's result and is stopped; a stopped trial is a normal outcome of the sweep."""
+    iters = 8
+    grid = {"pipeline.lr": [0.3, 1e-4], "env": ["Pendulum"], "backend": ["torch"]}
+    path = _sweep_file(tmp_path, "t-asha", grid, scheduler="asha", max_concurrent=1,
+                       tune_report_every_s=0.0, overrides={"pipeline.iters": iters},
+                       asha={"grace_period": 2, "reduction_factor": 2})
+    result = run_gradgym(["sweep", str(path)], cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, children = _runs(client, "t-asha")
+    by_lr = {float(c.data.params["pipeline.lr"]): c for c in children}
+    good, poor = by_lr[0.3], by_lr[1e-4]
+    assert good.info.status == "FINISHED" and _steps(client, good.info.run_id) == list(range(iters))
+    assert poor.info.status == "KILLED" and poor.data.tags["stopped_early"] == "true"
+    assert 2 <= len(_steps(client, poor.info.run_id)) < iters
+    with open(tmp_path / "sweeps" / "t-asha" / "summary.csv") as file:
+        statuses = {float(row["pipeline.lr"]): row["status"] for row in csv.DictReader(file)}
+    assert statuses == {0.3: "FINISHED", 1e-4: "STOPPED"}
+
+
 def test_resume_after_the_driver_is_killed_reruns_only_unfinished_trials(tmp_path):
-    iters = 12
-    grid = {"env": ["Pendulum", "CartPole"], "backend": ["torch"], "seed": [0, 1]}
-    path = _sweep_file(tmp_path, "t-resume", grid, overrides={
-        "pipeline.iters": iters, "testing.iteration_delay_s": 0.5,
-    })
+    # Short and long trials side by side: a short one finishes while a long one runs.
+    grid = {"pipeline.iters": [4, 24], "env": ["Pendulum"], "backend": ["torch"], "seed": [0, 1]}
+    path = _sweep_file(tmp_path, "t-resume", grid, overrides={"testing.iteration_delay_s": 0.3})
     trials = tmp_path / "sweeps" / "t-resume" / "trials"
     process = start_gradgym(["sweep", str(path)], cwd=tmp_path, log_path=tmp_path / "first.log")
     try:
@@ -165,6 +186,7 @@ def test_resume_after_the_driver_is_killed_reruns_only_unfinished_trials(tmp_pat
     assert len(children) == 4
     for child in children:
         assert child.info.status == "FINISHED"
+        iters = int(child.data.params["pipeline.iters"])
         assert _steps(client, child.info.run_id) == list(range(iters))  # nothing twice
     for trial in finished_before:  # finished before the kill: not run again
         assert (trials / trial / "attempts").read_text() == "1"
@@ -180,10 +202,10 @@ def test_multi_node_sweep_survives_a_killed_worker_node(tmp_path, monkeypatch):
     try:
         workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
-        iters = 16
+        iters = 12
         grid = {"env": ["Pendulum", "CartPole"], "backend": ["torch"], "seed": [0, 1]}
         path = _sweep_file(tmp_path, "t-cluster", grid, max_failures=2, overrides={
-            "pipeline.iters": iters, "testing.iteration_delay_s": 0.5,
+            "pipeline.iters": iters, "testing.iteration_delay_s": 0.4,
         })
         trials = tmp_path / "sweeps" / "t-cluster" / "trials"
         process = start_gradgym(["sweep", str(path)], cwd=tmp_path, log_path=tmp_path / "sweep.log",

@@ -88,6 +88,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except RunDirExistsError as err:
         print(f"gradgym run: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except KeyboardInterrupt:
+        print(f"gradgym run: interrupted; everything logged so far is in {cfg.run_dir}", file=sys.stderr)
+        return 130
     except Exception as err:  # noqa: BLE001 - reported with where the data is, then exit 1
         print(f"gradgym run: failed: {type(err).__name__}: {err}", file=sys.stderr)
         print(f"everything logged so far is in {cfg.run_dir}", file=sys.stderr)

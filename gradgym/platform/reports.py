@@ -68,7 +68,7 @@ def backend_comparison(trials: Sequence[Mapping[str, Any]], path: Path, title: s
             color = f"C{index % 10}"  # the same color for a line and its bar
             returns = _aligned([m["history"] for m in members], "return_mean")
             if returns is not None:
-                mean, std = returns.mean(axis=0), returns.std(axis=0)
+                mean, std = np.nanmean(returns, axis=0), np.nanstd(returns, axis=0)
                 steps = np.arange(mean.size)
                 ax_return.plot(steps, mean, color=color, label=f"{label} (n={len(members)})")
                 ax_return.fill_between(steps, mean - std, mean + std, color=color, alpha=0.25)
@@ -102,13 +102,15 @@ def _group(trials: Any) -> dict[str, list[Mapping[str, Any]]]:
 
 
 def _aligned(histories: Sequence[Sequence[Mapping[str, Any]]], key: str) -> np.ndarray | None:
-    """``[n_trials, n_iters]`` of ``key``, cut to the shortest history (ASHA stops early)."""
+    """``[n_trials, n_iters]`` of ``key``, NaN past the end of a trial stopped early (ASHA)."""
     series = [[h[key] for h in history if key in h] for history in histories]
     series = [s for s in series if s]
     if not series:
         return None
-    length = min(len(s) for s in series)
-    return np.array([s[:length] for s in series], dtype=np.float64)
+    aligned = np.full((len(series), max(len(s) for s in series)), np.nan)
+    for row, values in zip(aligned, series):
+        row[:len(values)] = values
+    return aligned
 
 
 def summary_table(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:

@@ -95,7 +95,7 @@ def execute_run(cfg: DictConfig, *, resume: bool = False, parent_run_id: Optiona
     try:
         result = _run_pipeline(cfg, recorder)
     except BaseException as err:
-        status = "KILLED" if not isinstance(err, Exception) else "FAILED"
+        status = _ending(err)
         summary = _summary(cfg, tracker, recorder, began, status=status, error=err)
         _close_after_error(tracker, recorder, summary, status, err, run_dir)
         raise
@@ -121,6 +121,19 @@ def _run_pipeline(cfg: DictConfig, recorder: "_Recorder") -> Any:
     return run_pipeline(cfg.pipeline.name, env, pipeline_cfg, seed=cfg.seed, report=recorder)
 
 
+def _ending(err: BaseException) -> str:
+    """The summary status of a run that raised ``err``."""
+    if isinstance(err, SystemExit):
+        return "STOPPED"  # Ray Tune ends a trial its scheduler (ASHA) stopped with SystemExit
+    if isinstance(err, KeyboardInterrupt):
+        return "KILLED"
+    return "FAILED"
+
+
+# Summary status -> MLflow run status (MLflow has no "stopped early").
+MLFLOW_STATUS = {"FINISHED": "FINISHED", "FAILED": "FAILED", "KILLED": "KILLED", "STOPPED": "KILLED"}
+
+
 def _close_after_error(tracker: RunTracker, recorder: "_Recorder", summary: dict[str, Any],
                        status: str, err: BaseException, run_dir: Path) -> None:
     write_json(run_dir / "summary.json", summary)
@@ -129,8 +142,10 @@ def _close_after_error(tracker: RunTracker, recorder: "_Recorder", summary: dict
         return
     tracker.log_artifact(run_dir / "summary.json")
     tracker.log_final(recorder.final, recorder.final_step)
+    stopped = status == "STOPPED"
     try:
-        tracker.finish(status, error=format_error(err))
+        tracker.finish(MLFLOW_STATUS[status], error=None if stopped else format_error(err),
+                       tags={"stopped_early": "true"} if stopped else None)
     except TrackingError as tracking_err:
         err.add_note(str(tracking_err))
 

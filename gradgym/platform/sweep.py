@@ -74,8 +74,8 @@ class SweepOutcome:
 
     @property
     def all_finished(self) -> bool:
-        """Whether every trial finished (none failed)."""
-        return bool(self.rows) and all(row["status"] == "FINISHED" for row in self.rows)
+        """Whether every trial finished or was stopped early by the scheduler (none failed)."""
+        return bool(self.rows) and all(row["status"] in ("FINISHED", "STOPPED") for row in self.rows)
 
     def describe(self) -> str:
         """A short text summary for the terminal."""
@@ -93,7 +93,7 @@ class SweepOutcome:
             lines.append(f"  MLflow:     {self.tracking_uri} (parent run {self.parent_run_id}); "
                          "open it with `gradgym ui`")
         for row in self.rows:
-            if row["status"] != "FINISHED":
+            if row["status"] not in ("FINISHED", "STOPPED"):
                 lines.append(f"  trial {row['trial']} {row['status']}: {row.get('error', '')[:200]}")
         return "\n".join(lines)
 
@@ -317,8 +317,10 @@ def _scheduler(cfg: DictConfig) -> Any:
     from gradgym.platform.config import compose_run_config
 
     iters = compose_run_config(_base_layer(cfg)).pipeline.iters
+    # max_t past the last iteration: ASHA stops a trial *at* max_t, which would cut a
+    # trial that is finishing anyway.
     return ASHAScheduler(time_attr="iteration", metric=cfg.asha.metric, mode=cfg.asha.mode,
-                         max_t=max(iters, cfg.asha.grace_period),
+                         max_t=max(iters, cfg.asha.grace_period) + 1,
                          grace_period=cfg.asha.grace_period,
                          reduction_factor=cfg.asha.reduction_factor)
 
@@ -350,7 +352,13 @@ def run_trial(config: dict[str, Any], sweep: Mapping[str, Any]) -> None:
         name = f"{cfg.env}-{cfg.backend}-s{cfg.seed}-{trial_id}"
         summary = execute_run(cfg, resume=True, parent_run_id=sweep["parent_run_id"],
                               sweep=sweep["name"], run_name=name, on_iteration=reporter)
-    final = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    # The last value of every metric (schedulers expect theirs in every result) and the summary.
+    last: dict[str, Any] = {}
+    for entry in _read_jsonl(run_dir / METRICS_FILE):
+        last.update(entry)
+    last.pop("timestamp_ms", None)
+    final = {k: v for k, v in {**last, **summary}.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tune.report({**final, "iteration": summary["iterations"], "finished": 1})
 
 
@@ -413,7 +421,7 @@ def _collect(cfg: DictConfig, sweep_dir: Path, results: Any) -> tuple[list[dict]
             row["error"] = f"{type(result.error).__name__}: {result.error}"[:2000]
         rows.append(row)
         history = _read_jsonl(run_dir / METRICS_FILE)
-        if status == "FINISHED" and history and "env" in summary:
+        if status in ("FINISHED", "STOPPED") and history and "env" in summary:
             label = " ".join([summary["backend"]] + [f"{k}={v}" for k, v in values.items()])
             curves.append({"env": summary["env"], "backend": summary["backend"], "label": label,
                            "history": history})
@@ -434,7 +442,7 @@ def _close_parent(parent: Mapping[str, Any], sweep_dir: Path, rows: list[dict], 
                     client.set_terminated(run_id, status="FAILED")
         for name in ("summary.csv", "comparison.png"):
             client.log_artifact(parent["run_id"], str(sweep_dir / name))
-        failed = sum(row["status"] != "FINISHED" for row in rows)
+        failed = sum(row["status"] not in ("FINISHED", "STOPPED") for row in rows)
         client.set_tag(parent["run_id"], "trials", str(len(rows)))
         client.set_tag(parent["run_id"], "trials_failed", str(failed))
         client.set_terminated(parent["run_id"], status="FINISHED")

@@ -261,8 +261,11 @@ class RunTracker:
             if away > self.cfg.outage_limit_s:
                 raise TrackingError(self._outage_message(away)) from self._last_error
 
-    def finish(self, status: str = "FINISHED", error: Optional[str] = None) -> None:
+    def finish(self, status: str = "FINISHED", error: Optional[str] = None,
+               tags: Optional[Mapping[str, str]] = None) -> None:
         """Send everything left, end the MLflow run with ``status``, stop the sender.
+
+        ``error`` (a traceback) becomes the run's ``error`` tag; ``tags`` are set too.
 
         Waits for an unreachable store up to ``tracking.outage_limit_s``.
 
@@ -279,7 +282,7 @@ class RunTracker:
         while True:
             try:
                 self._flush()
-                self._send_final(status, error)
+                self._send_final(status, error, tags or {})
                 return
             except Exception as err:  # noqa: BLE001 - classified right below
                 if not is_transient(err):
@@ -390,14 +393,14 @@ class RunTracker:
             with self._lock:
                 self._pending_artifacts.pop(0)
 
-    def _send_final(self, status: str, error: Optional[str]) -> None:
-        if self._pending_final:
-            client = tracking_client(self.uri)
-            client.log_batch(self.run_id, metrics=self._pending_final)
-            self._pending_final = []
+    def _send_final(self, status: str, error: Optional[str], tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
         client = tracking_client(self.uri)
-        if error:
-            client.set_tag(self.run_id, "error", error[-5000:])
+        tags = dict(tags, **({"error": error[-5000:]} if error else {}))
+        client.log_batch(self.run_id, metrics=self._pending_final,
+                         tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._pending_final = []
         client.set_terminated(self.run_id, status=status)
 
     # ------------------------------------------------------------------ messages
