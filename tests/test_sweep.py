@@ -19,8 +19,6 @@ from mlflow import MlflowClient
 
 from conftest import run_gradgym, start_gradgym, stop_process_group
 
-pytestmark = pytest.mark.slow
-
 ITERS = 6
 TINY = {
     "pipeline": "trajectory",
@@ -90,6 +88,7 @@ def _check_sweep(client: MlflowClient, name: str, sweep_dir: Path, tmp_path: Pat
         assert [json.loads(line)["iteration"] for line in lines] == list(range(ITERS))
 
 
+@pytest.mark.slow
 def test_sweep_against_a_tracking_server_on_local_ray_bound_to_loopback(tmp_path, mlflow_server):
     path = _sweep_file(tmp_path, "t-server", GRID)
     process = start_gradgym(["sweep", str(path)], cwd=tmp_path, log_path=tmp_path / "sweep.log",
@@ -108,6 +107,7 @@ def test_sweep_against_a_tracking_server_on_local_ray_bound_to_loopback(tmp_path
     _check_sweep(MlflowClient(mlflow_server.uri), "t-server", tmp_path / "sweeps" / "t-server", tmp_path)
 
 
+@pytest.mark.slow
 def test_sweep_on_the_embedded_default_store(tmp_path):
     path = _sweep_file(tmp_path, "t-embedded", GRID)
     result = run_gradgym(["sweep", str(path)], cwd=tmp_path, timeout=600)
@@ -117,6 +117,7 @@ def test_sweep_on_the_embedded_default_store(tmp_path):
     _check_sweep(client, "t-embedded", tmp_path / "sweeps" / "t-embedded", tmp_path)
 
 
+@pytest.mark.slow
 def test_crashed_trial_is_retried_and_a_failing_trial_is_marked_failed(tmp_path):
     grid = {"env": ["Pendulum"], "backend": ["torch"], "testing.crash_attempts": [1, 5]}
     path = _sweep_file(tmp_path, "t-faults", grid, max_failures=1)
@@ -140,6 +141,7 @@ def test_crashed_trial_is_retried_and_a_failing_trial_is_marked_failed(tmp_path)
     assert attempts == {"FINISHED": 2, "FAILED": 2}  # max_failures=1: two attempts each
 
 
+@pytest.mark.slow
 def test_asha_stops_a_poor_trial_early(tmp_path):
     """Trials run one at a time, so at the first rung the poor learning rate meets the good
     one's result and is stopped; a stopped trial is a normal outcome of the sweep."""
@@ -163,6 +165,7 @@ def test_asha_stops_a_poor_trial_early(tmp_path):
     assert statuses == {0.3: "FINISHED", 1e-4: "STOPPED"}
 
 
+@pytest.mark.slow
 def test_resume_after_the_driver_is_killed_reruns_only_unfinished_trials(tmp_path):
     # Short and long trials side by side: a short one finishes while a long one runs.
     grid = {"pipeline.iters": [4, 24], "env": ["Pendulum"], "backend": ["torch"], "seed": [0, 1]}
@@ -194,6 +197,7 @@ def test_resume_after_the_driver_is_killed_reruns_only_unfinished_trials(tmp_pat
     assert len(list(trials.iterdir())) == 4
 
 
+@pytest.mark.slow
 def test_multi_node_sweep_survives_a_killed_worker_node(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # nodes on loopback only
     from ray.cluster_utils import Cluster
@@ -226,6 +230,33 @@ def test_multi_node_sweep_survives_a_killed_worker_node(tmp_path, monkeypatch):
         assert _steps(client, child.info.run_id) == list(range(iters))
     attempts = [int((trial / "attempts").read_text()) for trial in trials.iterdir()]
     assert max(attempts) >= 2, "the killed node's trial must have been retried elsewhere"
+
+
+def test_sweep_file_becomes_tune_search_space_and_scheduler(tmp_path):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    from gradgym.platform.config import load_sweep_config
+    from gradgym.platform.sweep import _param_space, _scheduler
+
+    path = _sweep_file(tmp_path, "t-space", {"env": ["Pendulum", "CartPole"], "seed": [0, 1]},
+                       scheduler="asha", num_samples=3, asha={"grace_period": 2})
+    cfg = load_sweep_config(path, ["search.pipeline.lr.loguniform=[0.001,0.3]",
+                                   "search.pipeline.batch.randint=[2,8]",
+                                   "search.pipeline.optimizer.choice=[adam,sgd]"])
+    space = _param_space(cfg)
+    assert space["env"] == tune.grid_search(["Pendulum", "CartPole"])
+    assert space["seed"] == tune.grid_search([0, 1])
+    lr, batch, optimizer = space["pipeline.lr"], space["pipeline.batch"], space["pipeline.optimizer"]
+    assert isinstance(lr, Float) and (lr.lower, lr.upper) == (0.001, 0.3)
+    assert isinstance(lr.get_sampler(), Float._LogUniform)
+    assert isinstance(batch, Integer) and (batch.lower, batch.upper) == (2, 8)
+    assert isinstance(optimizer, Categorical) and optimizer.categories == ["adam", "sgd"]
+    scheduler = _scheduler(cfg)
+    assert isinstance(scheduler, ASHAScheduler)
+    assert scheduler.metric == "return_mean" and scheduler._time_attr == "iteration"
+    assert scheduler._max_t == ITERS + 1  # never cut a trial at its last iteration
 
 
 # ---------------------------------------------------------------------- helpers

@@ -96,6 +96,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"everything logged so far is in {cfg.run_dir}", file=sys.stderr)
         return 1
     _print_run_summary(summary)
+    if cfg.tracking.enabled:
+        print("open the MLflow dashboard with: gradgym ui")
     return 0
 
 

@@ -73,6 +73,11 @@ class SweepOutcome:
     fit_wall_s: float = 0.0  # wall time of Ray Tune's fit (all trials, without Ray's start)
 
     @property
+    def interrupted(self) -> bool:
+        """Whether trials are left unfinished (the sweep was interrupted): resume it."""
+        return any(row["status"] == "UNFINISHED" for row in self.rows)
+
+    @property
     def all_finished(self) -> bool:
         """Whether every trial finished or was stopped early by the scheduler (none failed)."""
         return bool(self.rows) and all(row["status"] in ("FINISHED", "STOPPED") for row in self.rows)
@@ -93,8 +98,10 @@ class SweepOutcome:
             lines.append(f"  MLflow:     {self.tracking_uri} (parent run {self.parent_run_id}); "
                          "open it with `gradgym ui`")
         for row in self.rows:
-            if row["status"] not in ("FINISHED", "STOPPED"):
-                lines.append(f"  trial {row['trial']} {row['status']}: {row.get('error', '')[:200]}")
+            if row["status"] == "FAILED":
+                lines.append(f"  trial {row['trial']} FAILED: {row.get('error', '')[:200]}")
+        if self.interrupted:
+            lines.append(f"  unfinished trials: finish them with `gradgym sweep --resume {self.name}`")
         return "\n".join(lines)
 
 
@@ -397,7 +404,7 @@ def _finish(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any], results
     backend_comparison(curves, sweep_dir / "comparison.png", title=f"sweep {cfg.name}")
     outcome = SweepOutcome(cfg.name, sweep_dir, rows, parent.get("run_id"), parent.get("uri"))
     if parent:
-        _close_parent(parent, sweep_dir, rows, _outage_limit(cfg))
+        _close_parent(parent, sweep_dir, rows, _outage_limit(cfg), interrupted=outcome.interrupted)
     return outcome
 
 
@@ -411,7 +418,7 @@ def _collect(cfg: DictConfig, sweep_dir: Path, results: Any) -> tuple[list[dict]
         summary = _read_json(run_dir / "summary.json")
         state = _read_json(run_dir / STATE_FILE)
         values = {key: result.config.get(key) for key in swept}
-        status = summary.get("status", "FAILED")
+        status = summary.get("status", "UNFINISHED")  # never ran, or interrupted
         if result.error is not None:
             status = "FAILED"
         row = {"trial": trial, **summary, "status": status, **values,
@@ -429,8 +436,10 @@ def _collect(cfg: DictConfig, sweep_dir: Path, results: Any) -> tuple[list[dict]
     return rows, curves
 
 
-def _close_parent(parent: Mapping[str, Any], sweep_dir: Path, rows: list[dict], limit_s: float) -> None:
-    """Mark children that died without a word FAILED; log the sweep's artifacts; end it."""
+def _close_parent(parent: Mapping[str, Any], sweep_dir: Path, rows: list[dict], limit_s: float,
+                  interrupted: bool) -> None:
+    """Mark children that died without a word FAILED; log the sweep's artifacts; end the
+    parent (KILLED if trials are left to resume)."""
     client = tracking_client(parent["uri"])
 
     def close() -> None:
@@ -442,10 +451,10 @@ def _close_parent(parent: Mapping[str, Any], sweep_dir: Path, rows: list[dict], 
                     client.set_terminated(run_id, status="FAILED")
         for name in ("summary.csv", "comparison.png"):
             client.log_artifact(parent["run_id"], str(sweep_dir / name))
-        failed = sum(row["status"] not in ("FINISHED", "STOPPED") for row in rows)
+        failed = sum(row["status"] == "FAILED" for row in rows)
         client.set_tag(parent["run_id"], "trials", str(len(rows)))
         client.set_tag(parent["run_id"], "trials_failed", str(failed))
-        client.set_terminated(parent["run_id"], status="FINISHED")
+        client.set_terminated(parent["run_id"], status="KILLED" if interrupted else "FINISHED")
 
     _retry_store(close, parent["uri"], limit_s)
 
