@@ -32,10 +32,10 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+from env_throughput import cartpole_ref  # the hand-written CartPole dynamics, per library
 
 import gradgym
 from gradgym.pipelines import PolicyConfig, TrajectoryConfig, policy, trajectory
-from env_throughput import cartpole_ref  # the hand-written CartPole dynamics, per library
 
 ENV = "CartPole"
 TRAJECTORY = dict(batch=32, horizon=100, lr=0.1)
@@ -43,6 +43,7 @@ POLICY = dict(batch=64, horizon=100, lr=1e-3, grad_clip=1.0, hidden=[64, 64])
 
 
 # ----------------------------------------------------------------------- gradgym pipelines
+
 
 def pipeline_times(module: Any, cfg: Any, backend: str) -> tuple[float, float]:
     """(median seconds per iteration between reports, compile seconds) of a pipeline run."""
@@ -62,7 +63,8 @@ def run_pipelines(backend: str, iters: int) -> dict[str, tuple[float, float]]:
     return {
         "trajectory": pipeline_times(trajectory, TrajectoryConfig(**TRAJECTORY, **common), backend),
         "policy": pipeline_times(
-            policy, PolicyConfig(**POLICY, eval_every=iters + 1, eval_batch=POLICY["batch"], **common),
+            policy,
+            PolicyConfig(**POLICY, eval_every=iters + 1, eval_batch=POLICY["batch"], **common),
             backend,
         ),
     }
@@ -81,6 +83,7 @@ def median_time(update: Callable[[int], None], iters: int) -> float:
 
 # ----------------------------------------------------------------------- jax references
 
+
 def jax_references(iters: int) -> dict[str, tuple[float, float]]:
     import jax
     import jax.numpy as jnp
@@ -91,10 +94,12 @@ def jax_references(iters: int) -> dict[str, tuple[float, float]]:
 
     def start(key, batch):
         k = jax.random.split(key, 4)
-        return (jax.random.uniform(k[0], (batch,), minval=-1.0, maxval=1.0),
-                jax.random.uniform(k[1], (batch,), minval=-0.3, maxval=0.3),
-                jax.random.uniform(k[2], (batch,), minval=-np.pi, maxval=np.pi),
-                jax.random.uniform(k[3], (batch,), minval=-0.3, maxval=0.3))
+        return (
+            jax.random.uniform(k[0], (batch,), minval=-1.0, maxval=1.0),
+            jax.random.uniform(k[1], (batch,), minval=-0.3, maxval=0.3),
+            jax.random.uniform(k[2], (batch,), minval=-np.pi, maxval=np.pi),
+            jax.random.uniform(k[3], (batch,), minval=-0.3, maxval=0.3),
+        )
 
     def observe(x, xv, th, thv):
         return jnp.stack([x, xv, jnp.cos(th), jnp.sin(th), thv], -1)
@@ -104,6 +109,7 @@ def jax_references(iters: int) -> dict[str, tuple[float, float]]:
         def body(s, a):
             s, _, r = step(*s, jnp.tanh(a))
             return s, r
+
         _, rewards = jax.lax.scan(body, state, jnp.swapaxes(logits, 0, 1))
         return -jnp.mean(jnp.sum(rewards, 0))
 
@@ -137,6 +143,7 @@ def jax_references(iters: int) -> dict[str, tuple[float, float]]:
             s, obs = carry
             s, obs, r = step(*s, mlp(params, obs))
             return (s, obs), r
+
         _, rewards = jax.lax.scan(body, (state, observe(*state)), None, length=POLICY["horizon"])
         return -jnp.mean(jnp.sum(rewards, 0))
 
@@ -149,8 +156,10 @@ def jax_references(iters: int) -> dict[str, tuple[float, float]]:
         return optax.apply_updates(params, updates), opt_state, key, loss
 
     sizes = [5, *POLICY["hidden"], 1]
-    params = [(jax.random.uniform(key, (i, o), minval=-i**-0.5, maxval=i**-0.5), jnp.zeros(o))
-              for i, o in zip(sizes[:-1], sizes[1:])]
+    params = [
+        (jax.random.uniform(key, (i, o), minval=-(i**-0.5), maxval=i**-0.5), jnp.zeros(o))
+        for i, o in zip(sizes[:-1], sizes[1:])
+    ]
     began = time.perf_counter()
     compiled_policy = jax.jit(policy_update).lower(params, tx.init(params), key).compile()
     policy_compile = time.perf_counter() - began
@@ -169,6 +178,7 @@ def jax_references(iters: int) -> dict[str, tuple[float, float]]:
 
 # ----------------------------------------------------------------------- torch references
 
+
 def torch_references(iters: int) -> dict[str, tuple[float, float]]:
     import torch
 
@@ -178,6 +188,7 @@ def torch_references(iters: int) -> dict[str, tuple[float, float]]:
     def start(batch):
         def u(low, high):
             return low + (high - low) * torch.rand(batch, generator=gen)
+
         return u(-1.0, 1.0), u(-0.3, 0.3), u(-np.pi, np.pi), u(-0.3, 0.3)
 
     b, t = TRAJECTORY["batch"], TRAJECTORY["horizon"]
@@ -198,8 +209,12 @@ def torch_references(iters: int) -> dict[str, tuple[float, float]]:
         loss.item()
 
     net = torch.nn.Sequential(
-        torch.nn.Linear(5, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
-        torch.nn.Linear(64, 1), torch.nn.Tanh(),
+        torch.nn.Linear(5, 64),
+        torch.nn.Tanh(),
+        torch.nn.Linear(64, 64),
+        torch.nn.Tanh(),
+        torch.nn.Linear(64, 1),
+        torch.nn.Tanh(),
     )
     policy_adam = torch.optim.Adam(net.parameters(), lr=POLICY["lr"])
 
@@ -225,6 +240,7 @@ def torch_references(iters: int) -> dict[str, tuple[float, float]]:
 
 
 # ----------------------------------------------------------------------- the Ivy Gym stack
+
 
 def ivy_gradient_time(repeats: int) -> float:
     """Seconds per gradient of the trajectory loss written with ivy functions (torch backend)."""
@@ -278,20 +294,27 @@ def _in_temporary_directory():
 
 # ----------------------------------------------------------------------- table
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=50, help="timed iterations per figure")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; best median wins")
-    parser.add_argument("--ivy-repeats", type=int, default=1, help="ivy gradients to time (0: skip)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds; best median wins"
+    )
+    parser.add_argument(
+        "--ivy-repeats", type=int, default=1, help="ivy gradients to time (0: skip)"
+    )
     args = parser.parse_args()
 
     import jax
     import torch
 
     torch.set_num_threads(1)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch "
-          f"{torch.__version__} (1 thread), jax {jax.__version__}; {ENV}; "
-          f"median of {args.iters} iterations, best of {args.rounds} rounds\n")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch "
+        f"{torch.__version__} (1 thread), jax {jax.__version__}; {ENV}; "
+        f"median of {args.iters} iterations, best of {args.rounds} rounds\n"
+    )
 
     # Pipeline and reference alternate, and each figure is the best of --rounds medians, so
     # that load from other processes hits both sides alike.
@@ -307,24 +330,36 @@ def main() -> None:
         for method in ("trajectory", "policy"):
             rows.append((method, backend, *min(ours[method]), *min(theirs[method])))
 
-    header = (f"{'pipeline':<11}{'backend':<8}{'gradgym ms/iter':>16}{'reference ms/iter':>19}"
-              f"{'ratio':>8}{'gradgym compile s':>19}{'reference compile s':>21}")
+    header = (
+        f"{'pipeline':<11}{'backend':<8}{'gradgym ms/iter':>16}{'reference ms/iter':>19}"
+        f"{'ratio':>8}{'gradgym compile s':>19}{'reference compile s':>21}"
+    )
     print(header)
     print("-" * len(header))
     for method, backend, ours_s, ours_compile, ref_s, ref_compile in rows:
-        print(f"{method:<11}{backend:<8}{ours_s * 1e3:>16.2f}{ref_s * 1e3:>19.2f}"
-              f"{ours_s / ref_s:>7.2f}x{ours_compile:>19.2f}{ref_compile:>21.2f}")
-    print("\ntrajectory: B = 32, T = 100; policy: B = 64, T = 100 (ratio = gradgym / reference; "
-          "target <= 1.25x)")
+        print(
+            f"{method:<11}{backend:<8}{ours_s * 1e3:>16.2f}{ref_s * 1e3:>19.2f}"
+            f"{ours_s / ref_s:>7.2f}x{ours_compile:>19.2f}{ref_compile:>21.2f}"
+        )
+    print(
+        "\ntrajectory: B = 32, T = 100; policy: B = 64, T = 100 (ratio = gradgym / reference; "
+        "target <= 1.25x)"
+    )
 
     if args.ivy_repeats > 0:
         ivy_s = ivy_gradient_time(args.ivy_repeats)
-        by_backend = {backend: ours_s for method, backend, ours_s, *_ in rows if method == "trajectory"}
-        print(f"\nIvy Gym stack (ivy {_ivy_version()}, torch backend), trajectory loss + gradient "
-              f"B = 32, T = 100: {ivy_s:.2f} s per gradient")
+        by_backend = {
+            backend: ours_s for method, backend, ours_s, *_ in rows if method == "trajectory"
+        }
+        print(
+            f"\nIvy Gym stack (ivy {_ivy_version()}, torch backend), trajectory loss + gradient "
+            f"B = 32, T = 100: {ivy_s:.2f} s per gradient"
+        )
         for backend, seconds in by_backend.items():
-            print(f"  gradgym {backend:<5} trajectory iteration {seconds * 1e3:8.2f} ms: "
-                  f"{ivy_s / seconds:8.0f}x faster")
+            print(
+                f"  gradgym {backend:<5} trajectory iteration {seconds * 1e3:8.2f} ms: "
+                f"{ivy_s / seconds:8.0f}x faster"
+            )
 
 
 def _ivy_version() -> str:

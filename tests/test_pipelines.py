@@ -76,8 +76,16 @@ def small_trajectory(**overrides) -> TrajectoryConfig:
 
 
 def small_policy(**overrides) -> PolicyConfig:
-    fields = dict(iters=4, horizon=6, batch=3, hidden=[8, 8], eval_every=2, eval_batch=3,
-                  render=False, grad_hist_every=0)
+    fields = dict(
+        iters=4,
+        horizon=6,
+        batch=3,
+        hidden=[8, 8],
+        eval_every=2,
+        eval_batch=3,
+        render=False,
+        grad_hist_every=0,
+    )
     fields.update(overrides)
     return PolicyConfig(**fields)
 
@@ -97,6 +105,7 @@ def central_differences(loss, flat: np.ndarray, eps: float = 1e-6) -> np.ndarray
 
 # ---------------------------------------------------------------------- report contract
 
+
 @pytest.mark.parametrize("backend", GRAD_BACKENDS)
 def test_trajectory_reports_every_metric_each_iteration_and_final(backend):
     env = gradgym.make("CartPole", backend=backend)
@@ -113,8 +122,12 @@ def test_trajectory_reports_every_metric_each_iteration_and_final(backend):
         assert metrics["env_steps_per_s"] == pytest.approx(3 * 6 / metrics["iter_time_s"])
         if step % 2 == 0:
             assert artifacts["gradients"].shape == (3 * 6 * 1,)
-            assert np.max(np.abs(artifacts["gradients"])) == pytest.approx(metrics["grad_max_abs"], rel=1e-5)
-            assert np.linalg.norm(artifacts["gradients"]) == pytest.approx(metrics["grad_norm"], rel=1e-5)
+            assert np.max(np.abs(artifacts["gradients"])) == pytest.approx(
+                metrics["grad_max_abs"], rel=1e-5
+            )
+            assert np.linalg.norm(artifacts["gradients"]) == pytest.approx(
+                metrics["grad_norm"], rel=1e-5
+            )
         else:
             assert "gradients" not in artifacts
     final, step, artifacts = rec.final
@@ -145,14 +158,21 @@ def test_policy_evaluates_on_the_held_out_batch_every_eval_every(backend):
 
 def test_run_pipeline_by_name_and_unknown_name():
     env = gradgym.make("Pendulum", backend="numpy")
-    result = run_pipeline("cem", env, CEMConfig(iters=2, horizon=5, batch=2, population=8, elites=2,
-                                               render=False), seed=0)
+    result = run_pipeline(
+        "cem",
+        env,
+        CEMConfig(iters=2, horizon=5, batch=2, population=8, elites=2, render=False),
+        seed=0,
+    )
     assert result.iterations == 2
-    with pytest.raises(ValueError, match="unknown pipeline 'ppo'; available: trajectory, policy, cem"):
+    with pytest.raises(
+        ValueError, match="unknown pipeline 'ppo'; available: trajectory, policy, cem"
+    ):
         run_pipeline("ppo", env, CEMConfig())
 
 
 # ---------------------------------------------------------------------- gradients
+
 
 @pytest.mark.parametrize("backend", GRAD_BACKENDS)
 def test_trajectory_gradient_matches_central_differences(backend):
@@ -170,7 +190,9 @@ def test_trajectory_gradient_matches_central_differences(backend):
     def loss(flat):
         return trajectory.open_loop_loss(twin, _numpy, step, 6, flat.reshape(2, 6, 1), start)[0]
 
-    np.testing.assert_allclose(reported, central_differences(loss, logits0.ravel()), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        reported, central_differences(loss, logits0.ravel()), rtol=1e-6, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("backend", GRAD_BACKENDS)
@@ -179,8 +201,9 @@ def test_policy_gradient_matches_central_differences_with_truncation(backend, gr
     """Truncated BPTT is the gradient of the return with the window-start states held fixed."""
     env = gradgym.make("Reacher", backend=backend, dtype="float64")
     rec = Recorder()
-    cfg = small_policy(iters=1, horizon=6, batch=2, hidden=[4], grad_horizon=grad_horizon,
-                       grad_hist_every=1)
+    cfg = small_policy(
+        iters=1, horizon=6, batch=2, hidden=[4], grad_horizon=grad_horizon, grad_hist_every=1
+    )
     policy.optimize(env, cfg, seed=5, report=rec)
     reported = rec.iterations[0][2]["gradients"]
 
@@ -195,9 +218,9 @@ def test_policy_gradient_matches_central_differences_with_truncation(backend, gr
     def unflatten(flat):
         leaves, offset = [], 0
         for shape in shapes:
-            leaves.append(flat[offset:offset + math.prod(shape)].reshape(shape))
+            leaves.append(flat[offset : offset + math.prod(shape)].reshape(shape))
             offset += math.prod(shape)
-        return [tuple(leaves[i:i + 2]) for i in range(0, len(leaves), 2)]
+        return [tuple(leaves[i : i + 2]) for i in range(0, len(leaves), 2)]
 
     def surrogate(flat, window):
         weights, carry, total = unflatten(flat), initial_carry(twin, start), 0.0
@@ -217,12 +240,16 @@ def test_policy_gradient_matches_central_differences_with_truncation(backend, gr
 
 # ---------------------------------------------------------------------- optimizer options
 
+
 @pytest.mark.parametrize("backend", GRAD_BACKENDS)
-@pytest.mark.parametrize("schedule, factors", [
-    ("constant", [1.0, 1.0, 1.0]),
-    ("linear", [1.0, 2 / 3, 1 / 3]),
-    ("cosine", [1.0, 0.75, 0.25]),
-])
+@pytest.mark.parametrize(
+    "schedule, factors",
+    [
+        ("constant", [1.0, 1.0, 1.0]),
+        ("linear", [1.0, 2 / 3, 1 / 3]),
+        ("cosine", [1.0, 0.75, 0.25]),
+    ],
+)
 def test_sgd_steps_follow_the_learning_rate_schedule(backend, schedule, factors):
     """With SGD the final logits are init - lr * sum_t schedule(t) * gradient_t."""
     env = gradgym.make("Pendulum", backend=backend, dtype="float64")
@@ -230,7 +257,9 @@ def test_sgd_steps_follow_the_learning_rate_schedule(backend, schedule, factors)
     cfg = small_trajectory(optimizer="sgd", lr=0.05, lr_schedule=schedule, grad_hist_every=1)
     result = trajectory.optimize(env, cfg, seed=0, report=rec)
     grads = [artifacts["gradients"] for _, _, artifacts in rec.iterations]
-    init = to_numpy(host_uniform(numpy_twin(env), host_rng(0, trajectory.LOGITS_STREAM), (3, 6, 1), 2.0))
+    init = to_numpy(
+        host_uniform(numpy_twin(env), host_rng(0, trajectory.LOGITS_STREAM), (3, 6, 1), 2.0)
+    )
     expected = init.ravel() - 0.05 * sum(f * g for f, g in zip(factors, grads))
     np.testing.assert_allclose(to_numpy(result.params).ravel(), expected, rtol=1e-10, atol=1e-12)
 
@@ -243,29 +272,43 @@ def test_gradient_clipping_by_global_norm(backend):
     result = trajectory.optimize(env, cfg, seed=0, report=rec)
     grad = rec.iterations[0][2]["gradients"]
     assert np.linalg.norm(grad) > 0.01  # the clip is active
-    init = to_numpy(host_uniform(numpy_twin(env), host_rng(0, trajectory.LOGITS_STREAM), (3, 6, 1), 2.0))
+    init = to_numpy(
+        host_uniform(numpy_twin(env), host_rng(0, trajectory.LOGITS_STREAM), (3, 6, 1), 2.0)
+    )
     expected = init.ravel() - 0.05 * grad * 0.01 / np.linalg.norm(grad)
     np.testing.assert_allclose(to_numpy(result.params).ravel(), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("optimizer, schedule, clip", [
-    ("adam", "cosine", 0.5), ("adamw", "linear", 0.0), ("sgd", "constant", 1.0),
-])
+@pytest.mark.parametrize(
+    "optimizer, schedule, clip",
+    [
+        ("adam", "cosine", 0.5),
+        ("adamw", "linear", 0.0),
+        ("sgd", "constant", 1.0),
+    ],
+)
 def test_jax_and_torch_take_the_same_steps(optimizer, schedule, clip):
     """Same seed, same start states and weights: optax and torch.optim agree step by step."""
-    cfg = small_policy(iters=6, optimizer=optimizer, lr_schedule=schedule, grad_clip=clip,
-                       lr=0.01, eval_every=3)
-    results = {b: policy.optimize(gradgym.make("CartPole", backend=b, dtype="float64"), cfg, seed=2)
-               for b in GRAD_BACKENDS}
+    cfg = small_policy(
+        iters=6, optimizer=optimizer, lr_schedule=schedule, grad_clip=clip, lr=0.01, eval_every=3
+    )
+    results = {
+        b: policy.optimize(gradgym.make("CartPole", backend=b, dtype="float64"), cfg, seed=2)
+        for b in GRAD_BACKENDS
+    }
     for key in ("return_mean", "grad_norm", "loss"):
-        np.testing.assert_allclose([m[key] for m in results["jax"].history],
-                                   [m[key] for m in results["torch"].history], rtol=1e-7)
+        np.testing.assert_allclose(
+            [m[key] for m in results["jax"].history],
+            [m[key] for m in results["torch"].history],
+            rtol=1e-7,
+        )
     for jax_layer, torch_layer in zip(results["jax"].params, results["torch"].params):
         for a, b in zip(jax_layer, torch_layer):
             np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-6, atol=1e-8)
 
 
 # ---------------------------------------------------------------------- determinism
+
 
 @pytest.mark.parametrize("backend", GRAD_BACKENDS)
 def test_same_seed_same_result_other_seed_other_result(backend):
@@ -291,6 +334,7 @@ def test_cem_same_seed_same_result(backend):
 
 # ---------------------------------------------------------------------- CEM
 
+
 @pytest.mark.parametrize("backend", ["numpy", "jax", "torch"])
 def test_cem_improves_on_random_actions_and_reports_its_metrics(backend):
     env = gradgym.make("Pendulum", backend=backend)
@@ -309,12 +353,19 @@ def test_cem_improves_on_random_actions_and_reports_its_metrics(backend):
     for _ in range(20):
         actions = rng.uniform(-1, 1, size=(30, 4, 1)).astype(np.float32)
         step = functools.partial(transition, twin, cem.plan_action)
-        random_returns.append(np.mean(to_numpy(rollout_returns(_numpy, step, None, initial_carry(twin, start), actions, 30))))
+        random_returns.append(
+            np.mean(
+                to_numpy(
+                    rollout_returns(_numpy, step, None, initial_carry(twin, start), actions, 30)
+                )
+            )
+        )
     assert result.final_return > np.mean(random_returns) + 2.0
     assert result.final_return == pytest.approx(rec.final[0]["final_return"])
 
 
 # ---------------------------------------------------------------------- non-finite, termination
+
 
 class ProbeState(NamedTuple):
     x: Any
@@ -375,7 +426,9 @@ def test_non_finite_gradients_are_skipped_and_counted(backend):
     result = trajectory.optimize(env, small_trajectory(iters=3), seed=0, report=rec)
     counts = [m["grad_nonfinite"] for m, _, _ in rec.iterations]
     assert counts == [3 * 6] * 3  # every entry, every iteration
-    init = to_numpy(host_uniform(numpy_twin(env), host_rng(0, trajectory.LOGITS_STREAM), (3, 6, 1), 2.0))
+    init = to_numpy(
+        host_uniform(numpy_twin(env), host_rng(0, trajectory.LOGITS_STREAM), (3, 6, 1), 2.0)
+    )
     np.testing.assert_array_equal(to_numpy(result.params), init)  # no update was applied
     assert result.final_return == 0.0
 
@@ -384,7 +437,9 @@ def test_non_finite_gradients_are_skipped_and_counted(backend):
 def test_non_finite_return_stops_with_a_clear_error_after_reporting(backend):
     env = probe("log", backend)
     rec = Recorder()
-    with pytest.raises(NonFiniteReturnError, match=r"trajectory on Probe .*return_mean became nan at iteration 0"):
+    with pytest.raises(
+        NonFiniteReturnError, match=r"trajectory on Probe .*return_mean became nan at iteration 0"
+    ):
         trajectory.optimize(env, small_trajectory(iters=5), seed=0, report=rec)
     assert [step for _, step, _ in rec.iterations] == [0]
     final, step, _ = rec.final
@@ -404,12 +459,17 @@ def test_rewards_after_the_first_done_are_masked(backend):
 
 # ---------------------------------------------------------------------- rendering
 
-@pytest.mark.parametrize("pipeline, backend", [("trajectory", "jax"), ("policy", "torch"), ("cem", "numpy")])
+
+@pytest.mark.parametrize(
+    "pipeline, backend", [("trajectory", "jax"), ("policy", "torch"), ("cem", "numpy")]
+)
 def test_videos_of_the_first_start_state(pipeline, backend):
     env = gradgym.make("Pendulum", backend=backend)
-    configs = {"trajectory": small_trajectory(horizon=4, render=True),
-               "policy": small_policy(horizon=4, render=True),
-               "cem": CEMConfig(iters=2, horizon=4, batch=2, population=8, elites=2, render=True)}
+    configs = {
+        "trajectory": small_trajectory(horizon=4, render=True),
+        "policy": small_policy(horizon=4, render=True),
+        "cem": CEMConfig(iters=2, horizon=4, batch=2, population=8, elites=2, render=True),
+    }
     rec = Recorder()
     run_pipeline(pipeline, env, configs[pipeline], seed=0, report=rec)
     initial = rec.iterations[0][2]["video_initial"]
@@ -424,6 +484,7 @@ def test_videos_of_the_first_start_state(pipeline, backend):
 
 # ---------------------------------------------------------------------- bad input
 
+
 @pytest.mark.parametrize("module", [trajectory, policy])
 def test_numpy_backend_has_no_gradient_pipelines(module):
     with pytest.raises(ValueError, match="needs gradients.*'numpy'.*'cem'"):
@@ -436,16 +497,39 @@ def test_ivy_env_is_refused_with_the_backends_that_work(tmp_path, monkeypatch):
         cem.optimize(gradgym.make("CartPole", backend="ivy"))
 
 
-@pytest.mark.parametrize("module, cfg, message", [
-    (trajectory, TrajectoryConfig(lr=-1.0), r"trajectory.lr=-1.0 is invalid; allowed: a number > 0"),
-    (trajectory, TrajectoryConfig(lr_schedule="step"), r"lr_schedule='step'.*constant, cosine, linear"),
-    (trajectory, TrajectoryConfig(optimizer="rmsprop"), r"optimizer='rmsprop'.*adam, adamw, sgd"),
-    (trajectory, PolicyConfig(), r"trajectory pipeline needs a TrajectoryConfig, got a config named 'policy'"),
-    (policy, PolicyConfig(hidden=[64, 0]), r"policy.hidden=\[64, 0\] is invalid"),
-    (policy, PolicyConfig(grad_horizon=-1), r"policy.grad_horizon=-1"),
-    (cem, CEMConfig(elites=65), r"cem.elites=65 is invalid; allowed: an int in \[1, population=64\]"),
-    (cem, CEMConfig(iters=0), r"cem.iters=0 is invalid; allowed: an int >= 1"),
-])
+@pytest.mark.parametrize(
+    "module, cfg, message",
+    [
+        (
+            trajectory,
+            TrajectoryConfig(lr=-1.0),
+            r"trajectory.lr=-1.0 is invalid; allowed: a number > 0",
+        ),
+        (
+            trajectory,
+            TrajectoryConfig(lr_schedule="step"),
+            r"lr_schedule='step'.*constant, cosine, linear",
+        ),
+        (
+            trajectory,
+            TrajectoryConfig(optimizer="rmsprop"),
+            r"optimizer='rmsprop'.*adam, adamw, sgd",
+        ),
+        (
+            trajectory,
+            PolicyConfig(),
+            r"trajectory pipeline needs a TrajectoryConfig, got a config named 'policy'",
+        ),
+        (policy, PolicyConfig(hidden=[64, 0]), r"policy.hidden=\[64, 0\] is invalid"),
+        (policy, PolicyConfig(grad_horizon=-1), r"policy.grad_horizon=-1"),
+        (
+            cem,
+            CEMConfig(elites=65),
+            r"cem.elites=65 is invalid; allowed: an int in \[1, population=64\]",
+        ),
+        (cem, CEMConfig(iters=0), r"cem.iters=0 is invalid; allowed: an int >= 1"),
+    ],
+)
 def test_bad_config_is_refused_before_any_work(module, cfg, message):
     with pytest.raises(ValueError, match=message):
         module.optimize(gradgym.make("CartPole", backend="jax"), cfg)

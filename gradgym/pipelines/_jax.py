@@ -66,11 +66,17 @@ def step_metrics(loss: Any, returns: Any, grads: Any) -> Any:
     """``STEP_METRICS`` as one vector, so one transfer brings them all to the host."""
     leaves = [jnp.ravel(g) for g in jax.tree_util.tree_leaves(grads)]
     flat = jnp.concatenate(leaves)
-    return jnp.stack([
-        jnp.mean(returns), jnp.min(returns), jnp.max(returns), loss,
-        jnp.sqrt(jnp.sum(flat**2)), jnp.max(jnp.abs(flat)),
-        jnp.sum(~jnp.isfinite(flat)).astype(flat.dtype),
-    ])
+    return jnp.stack(
+        [
+            jnp.mean(returns),
+            jnp.min(returns),
+            jnp.max(returns),
+            loss,
+            jnp.sqrt(jnp.sum(flat**2)),
+            jnp.max(jnp.abs(flat)),
+            jnp.sum(~jnp.isfinite(flat)).astype(flat.dtype),
+        ]
+    )
 
 
 class Trainer:
@@ -126,6 +132,7 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- zeroth order (CEM)
+
 
 def compile_function(fn: Callable, *example_args: Any) -> tuple[Callable, float]:
     """``fn`` jitted and compiled for ``example_args``, and the seconds that took."""

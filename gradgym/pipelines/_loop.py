@@ -18,7 +18,13 @@ from gradgym.pipelines.base import EVAL_METRIC, NonFiniteReturnError, PipelineRe
 
 # What a trainer's ``step`` returns, in this order (the first part of ITERATION_METRICS).
 GRADIENT_STEP_METRICS = (
-    "return_mean", "return_min", "return_max", "loss", "grad_norm", "grad_max_abs", "grad_nonfinite",
+    "return_mean",
+    "return_min",
+    "return_max",
+    "loss",
+    "grad_norm",
+    "grad_max_abs",
+    "grad_nonfinite",
 )
 
 
@@ -52,19 +58,51 @@ class LoopSpec:
 
 def run_loop(optimizer: Any, spec: LoopSpec, report: Report) -> PipelineResult:
     """Run ``spec.iters`` iterations of ``optimizer``, reporting each, and finish."""
-    began = time.perf_counter()
-    first_inputs = spec.next_inputs(0)
-    compile_time = optimizer.compile(first_inputs, spec.eval_inputs)
-    initial_video = spec.render(optimizer.params) if spec.render else None
-    best_score, best_params = -math.inf, None
-    history: list[dict[str, float]] = []
+    return _Run(optimizer, spec, report).run()
 
-    for iteration in range(spec.iters):
-        inputs = first_inputs if iteration == 0 else spec.next_inputs(iteration)
+
+class _Run:
+    """The state of one run: history, best score so far, timing."""
+
+    def __init__(self, optimizer: Any, spec: LoopSpec, report: Report):
+        self.optimizer, self.spec, self.report = optimizer, spec, report
+        self.began = time.perf_counter()
+        self.compile_time = 0.0
+        self.best_score, self.best_params = -math.inf, None
+        self.history: list[dict[str, float]] = []
+
+    def run(self) -> PipelineResult:
+        optimizer, spec = self.optimizer, self.spec
+        first_inputs = spec.next_inputs(0)
+        self.compile_time = optimizer.compile(first_inputs, spec.eval_inputs)
+        initial_video = spec.render(optimizer.params) if spec.render else None
+
+        for iteration in range(spec.iters):
+            inputs = first_inputs if iteration == 0 else spec.next_inputs(iteration)
+            metrics = self.iterate(iteration, inputs)
+            artifacts: dict[str, Any] = {}
+            if iteration == 0 and initial_video is not None:
+                artifacts["video_initial"] = initial_video
+            if spec.grad_hist_every and iteration % spec.grad_hist_every == 0:
+                artifacts["gradients"] = optimizer.gradients()
+            self.report(metrics, iteration, artifacts or None)
+            self.history.append(metrics)
+            self.stop_if_not_finite(iteration, metrics)
+
+        final_inputs = spec.eval_inputs if spec.eval_inputs is not None else first_inputs
+        final_return = _mean(optimizer.returns(optimizer.params, final_inputs))
+        if final_return > self.best_score or self.best_params is None:
+            self.best_score, self.best_params = final_return, optimizer.snapshot()
+        return self.finish(final_return)
+
+    def iterate(self, iteration: int, inputs: Any) -> dict[str, float]:
+        """One optimizer step (and evaluation, when due); its metrics."""
+        optimizer, spec = self.optimizer, self.spec
         evaluating = spec.eval_inputs is not None and iteration % spec.eval_every == 0
         scored = spec.eval_inputs is None or evaluating
         before = optimizer.snapshot() if scored else None
-        eval_return = _mean(optimizer.returns(optimizer.params, spec.eval_inputs)) if evaluating else None
+        if evaluating:
+            eval_return = _mean(optimizer.returns(optimizer.params, spec.eval_inputs))
 
         started = time.perf_counter()
         values = optimizer.step(inputs)
@@ -75,55 +113,45 @@ def run_loop(optimizer: Any, spec: LoopSpec, report: Report) -> PipelineResult:
         metrics["env_steps_per_s"] = spec.steps_per_iter / elapsed
         if evaluating:
             metrics[EVAL_METRIC] = eval_return
-        score = eval_return if spec.eval_inputs is not None else metrics["return_mean"]
-        if scored and score > best_score:
-            best_score, best_params = score, before
+        if scored:  # the metrics describe the parameters before the step: keep those
+            score = metrics[EVAL_METRIC] if evaluating else metrics["return_mean"]
+            if score > self.best_score:
+                self.best_score, self.best_params = score, before
+        return metrics
 
-        artifacts: dict[str, Any] = {}
-        if iteration == 0 and initial_video is not None:
-            artifacts["video_initial"] = initial_video
-        if spec.grad_hist_every and iteration % spec.grad_hist_every == 0:
-            artifacts["gradients"] = optimizer.gradients()
-        report(metrics, iteration, artifacts or None)
-        history.append(metrics)
+    def stop_if_not_finite(self, iteration: int, metrics: dict[str, float]) -> None:
+        """Finish (reporting what there is) and raise when a return is NaN or infinite."""
+        for key in ("return_mean", EVAL_METRIC):
+            value = metrics.get(key, 0.0)
+            if not math.isfinite(value):
+                self.finish(final_return=value)
+                raise NonFiniteReturnError(
+                    f"{self.spec.name}: {key} became {value} at iteration {iteration}; stopped "
+                    f"after reporting {len(self.history)} iterations (best return so far "
+                    f"{self.best_score:.4g}). Lower the learning rate or set grad_clip."
+                )
 
-        bad = [k for k in ("return_mean", EVAL_METRIC) if k in metrics and not math.isfinite(metrics[k])]
-        if bad:
-            _finish(optimizer, spec, report, history, compile_time, began, best_score, best_params,
-                    final_return=metrics[bad[0]])
-            raise NonFiniteReturnError(
-                f"{spec.name}: {bad[0]} became {metrics[bad[0]]} at iteration {iteration}; "
-                f"stopped after reporting {len(history)} iterations (best return so far "
-                f"{best_score:.4g}). Lower the learning rate or set grad_clip."
-            )
-
-    final_inputs = spec.eval_inputs if spec.eval_inputs is not None else first_inputs
-    final_return = _mean(optimizer.returns(optimizer.params, final_inputs))
-    if final_return > best_score or best_params is None:
-        best_score, best_params = final_return, optimizer.snapshot()
-    return _finish(optimizer, spec, report, history, compile_time, began, best_score, best_params,
-                   final_return=final_return)
-
-
-def _finish(optimizer: Any, spec: LoopSpec, report: Report, history: list[dict[str, float]],
-            compile_time: float, began: float, best_score: float, best_params: Any,
-            final_return: float) -> PipelineResult:
-    """Report the final metrics and the best trajectory's video; build the result."""
-    artifacts = {}
-    if spec.render is not None and best_params is not None:
-        artifacts["video_best"] = spec.render(best_params)
-    final = {"compile_time_s": compile_time, "best_return": best_score, "final_return": final_return}
-    report(final, len(history), artifacts or None)
-    return PipelineResult(
-        best_return=best_score,
-        final_return=final_return,
-        compile_time_s=compile_time,
-        wall_time_s=time.perf_counter() - began,
-        iterations=len(history),
-        history=history,
-        params=optimizer.params,
-        best_params=best_params,
-    )
+    def finish(self, final_return: float) -> PipelineResult:
+        """Report the final metrics and the best trajectory's video; build the result."""
+        artifacts = {}
+        if self.spec.render is not None and self.best_params is not None:
+            artifacts["video_best"] = self.spec.render(self.best_params)
+        final = {
+            "compile_time_s": self.compile_time,
+            "best_return": self.best_score,
+            "final_return": final_return,
+        }
+        self.report(final, len(self.history), artifacts or None)
+        return PipelineResult(
+            best_return=self.best_score,
+            final_return=final_return,
+            compile_time_s=self.compile_time,
+            wall_time_s=time.perf_counter() - self.began,
+            iterations=len(self.history),
+            history=self.history,
+            params=self.optimizer.params,
+            best_params=self.best_params,
+        )
 
 
 def _mean(values: np.ndarray) -> float:

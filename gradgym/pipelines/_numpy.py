@@ -37,7 +37,7 @@ def normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.n
 
 def top_k_indices(values: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` largest entries along the last axis (in no particular order)."""
-    return np.argpartition(values, values.shape[-1] - k, axis=-1)[..., values.shape[-1] - k:]
+    return np.argpartition(values, values.shape[-1] - k, axis=-1)[..., values.shape[-1] - k :]
 
 
 def take_along_axis(values: np.ndarray, indices: np.ndarray, axis: int) -> np.ndarray:

@@ -35,11 +35,12 @@ def backend_ops(env: Any, pipeline: str, gradient: bool) -> ModuleType:
             ivy envs are an interop boundary, not a pipeline backend).
     """
     backend = getattr(getattr(env, "spec", None), "backend", None)
+    allowed = GRADIENT_BACKENDS if gradient else ALL_BACKENDS
     if not isinstance(env, Env) or backend not in ALL_BACKENDS:
         raise ValueError(
             f"the {pipeline} pipeline runs on envs made with backend "
-            f"{', '.join(repr(b) for b in ALL_BACKENDS if gradient is False or b != 'numpy')}; "
-            f"got {env!r}. Make the env with gradgym.make(name, backend='jax' or 'torch')."
+            f"{', '.join(repr(b) for b in allowed)}; got {env!r}. Make the env with "
+            f"gradgym.make(name, backend={allowed[0]!r})."
         )
     if gradient and backend not in GRADIENT_BACKENDS:
         raise ValueError(
@@ -51,6 +52,7 @@ def backend_ops(env: Any, pipeline: str, gradient: bool) -> ModuleType:
 
 
 # ---------------------------------------------------------------------- host randomness
+
 
 def host_rng(seed: int, stream: int) -> np.random.Generator:
     """An independent numpy generator for one purpose (``stream``) of a run's ``seed``."""
@@ -73,6 +75,7 @@ def host_uniform(env: Env, rng: np.random.Generator, shape: tuple[int, ...], sca
 
 
 # ---------------------------------------------------------------------- trees
+
 
 def tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:
     """Apply ``fn`` to every array of a tree of tuples, NamedTuples, lists and dicts."""
@@ -99,13 +102,16 @@ def first_of_batch(tree: Any) -> Any:
 
 # ---------------------------------------------------------------------- rollouts
 
+
 def initial_carry(env: Env, start: Any) -> tuple[Any, Any, Any]:
     """``(state, obs, alive)`` at the start of a rollout; every trajectory starts alive."""
     alive = env.xp.logical_not(env.backend.falses(env.task.batch_shape(start)))
     return start, env.observe(start), alive
 
 
-def transition(env: Env, act: Act, params: Any, carry: tuple[Any, Any, Any], x: Any) -> tuple[Any, Any]:
+def transition(
+    env: Env, act: Act, params: Any, carry: tuple[Any, Any, Any], x: Any
+) -> tuple[Any, Any]:
     """One step of a rollout: act, step, and zero the reward of trajectories already done.
 
     A trajectory counts the reward of the step on which it terminates and nothing after,
@@ -119,8 +125,15 @@ def transition(env: Env, act: Act, params: Any, carry: tuple[Any, Any, Any], x: 
     return (state, obs, alive), reward
 
 
-def rollout_returns(ops: ModuleType, step: Callable, params: Any, carry: Any, xs: Any,
-                    horizon: int, grad_horizon: int = 0) -> Any:
+def rollout_returns(
+    ops: ModuleType,
+    step: Callable,
+    params: Any,
+    carry: Any,
+    xs: Any,
+    horizon: int,
+    grad_horizon: int = 0,
+) -> Any:
     """The return ``[B]`` (sum of masked rewards) of ``horizon`` steps of ``step``.
 
     ``xs`` are time-major per-step inputs (``[T, ...]``) or ``None``. With ``grad_horizon``
@@ -133,15 +146,16 @@ def rollout_returns(ops: ModuleType, step: Callable, params: Any, carry: Any, xs
         length = min(window, horizon - begin)
         if begin > 0:
             carry = ops.stop_gradient(carry)
-        window_xs = None if xs is None else xs[begin:begin + length]
+        window_xs = None if xs is None else xs[begin : begin + length]
         carry, rewards = ops.scan(step, params, carry, window_xs, length)
         window_return = ops.xp.sum(rewards, axis=0)
         total = window_return if total is None else total + window_return
     return total
 
 
-def loop_scan(stack: Callable[[list], Any], step: Callable, params: Any, carry: Any, xs: Any,
-              length: int) -> tuple[Any, Any]:
+def loop_scan(
+    stack: Callable[[list], Any], step: Callable, params: Any, carry: Any, xs: Any, length: int
+) -> tuple[Any, Any]:
     """``lax.scan`` semantics as a Python loop (numpy, torch): outputs stacked on axis 0."""
     outputs = []
     for t in range(length):
@@ -150,8 +164,9 @@ def loop_scan(stack: Callable[[list], Any], step: Callable, params: Any, carry: 
     return carry, stack(outputs)
 
 
-def record_frames(ops: ModuleType, env: Env, act: Act, params: Any, start: Any, xs: Any,
-                  horizon: int) -> list[np.ndarray]:
+def record_frames(
+    ops: ModuleType, env: Env, act: Act, params: Any, start: Any, xs: Any, horizon: int
+) -> list[np.ndarray]:
     """Rendered frames of the first trajectory of the batch: the start state and every step.
 
     Runs once per video, eagerly and without gradients; host syncs are fine here.

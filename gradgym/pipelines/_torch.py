@@ -92,11 +92,17 @@ class Trainer:
         if loss.requires_grad:  # e.g. a constant reward whose only dependence is through done
             loss.backward()
         flat = torch.cat([p.grad.reshape(-1) for p in self._leaves])
-        metrics = torch.stack([
-            returns.mean(), returns.min(), returns.max(), loss.detach(),
-            torch.linalg.vector_norm(flat), flat.abs().max(),
-            (~torch.isfinite(flat)).sum().to(flat.dtype),
-        ]).tolist()  # the one host sync of the iteration
+        metrics = torch.stack(
+            [
+                returns.mean(),
+                returns.min(),
+                returns.max(),
+                loss.detach(),
+                torch.linalg.vector_norm(flat),
+                flat.abs().max(),
+                (~torch.isfinite(flat)).sum().to(flat.dtype),
+            ]
+        ).tolist()  # the one host sync of the iteration
         self._flat_grad = flat
         if metrics[-1] == 0:  # every gradient entry is finite
             if self._grad_clip > 0:
@@ -121,6 +127,7 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- zeroth order (CEM)
+
 
 def compile_function(fn: Callable, *example_args: Any) -> tuple[Callable, float]:
     """``fn`` as is (eager, no gradients) and no compile time."""

@@ -47,7 +47,9 @@ class Report(Protocol):
     ) -> None: ...
 
 
-def no_report(metrics: dict[str, float], step: int, artifacts: Optional[dict[str, Any]] = None) -> None:
+def no_report(
+    metrics: dict[str, float], step: int, artifacts: Optional[dict[str, Any]] = None
+) -> None:
     """The default callback: report nothing."""
 
 

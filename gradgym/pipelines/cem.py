@@ -35,7 +35,12 @@ from gradgym.pipelines.base import PipelineResult, Report, no_report
 from gradgym.pipelines.config import CEMConfig, validate_config
 
 CEM_STEP_METRICS = (
-    "return_mean", "return_min", "return_max", "loss", "elite_return_mean", "action_std_mean",
+    "return_mean",
+    "return_min",
+    "return_max",
+    "loss",
+    "elite_return_mean",
+    "action_std_mean",
 )
 NOISE_STREAM = 1  # host_rng stream that seeds the backend's sampling generator
 
@@ -53,10 +58,12 @@ def plan_returns(env: Env, ops: Any, step: Any, horizon: int, plans: Any, start:
 
 def repeat_states(xp: Any, state: Any, times: int) -> Any:
     """Each start state ``times`` times in a row: ``[B, ...]`` -> ``[B * times, ...]``."""
+
     def repeat(leaf: Any) -> Any:
         batch, rest = leaf.shape[0], tuple(leaf.shape[1:])
         tiled = xp.broadcast_to(leaf[:, None], (batch, times) + rest)
         return xp.reshape(tiled, (batch * times,) + rest)
+
     return tree_map(repeat, state)
 
 
@@ -77,7 +84,7 @@ class CrossEntropyPlanner:
         self._rng = env.backend.generator(noise_seed)
         step = functools.partial(transition, env, plan_action)
         self._returns = functools.partial(plan_returns, env, ops, step, cfg.horizon)
-        self._iteration = self._update
+        self._iteration, self._evaluate = self._update, self._returns  # until compile()
 
     def _update(self, mean: Any, std: Any, key: Any, start: Any, population_start: Any):
         """One CEM iteration: ``(mean, std, metrics vector)``."""
@@ -102,10 +109,16 @@ class CrossEntropyPlanner:
         new_std = xp.clip(keep * std + (1.0 - keep) * elite_std, cfg.min_std, None)
 
         returns = self._returns(mean, start)
-        metrics = xp.stack([
-            xp.mean(returns), xp.min(returns), xp.max(returns), -xp.mean(returns),
-            xp.mean(elite_returns), xp.mean(std),
-        ])
+        metrics = xp.stack(
+            [
+                xp.mean(returns),
+                xp.min(returns),
+                xp.max(returns),
+                -xp.mean(returns),
+                xp.mean(elite_returns),
+                xp.mean(std),
+            ]
+        )
         return new_mean, new_std, metrics
 
     def compile(self, inputs: Any, eval_inputs: Optional[Any] = None) -> float:
@@ -136,8 +149,9 @@ class CrossEntropyPlanner:
         raise NotImplementedError("CEM has no gradient")
 
 
-def optimize(env: Env, cfg: Optional[CEMConfig] = None, seed: int = 0,
-             report: Optional[Report] = None) -> PipelineResult:
+def optimize(
+    env: Env, cfg: Optional[CEMConfig] = None, seed: int = 0, report: Optional[Report] = None
+) -> PipelineResult:
     """Plan open-loop actions for ``cfg.batch`` start states of ``env`` with CEM.
 
     Args:

@@ -87,7 +87,9 @@ def validate_config(cfg: Any, pipeline: str | None = None) -> None:
     """
     name = getattr(cfg, "name", None)
     if name not in PIPELINE_CONFIGS:
-        raise ValueError(f"pipeline config name {name!r} is not one of {', '.join(PIPELINE_CONFIGS)}")
+        raise ValueError(
+            f"pipeline config name {name!r} is not one of {', '.join(PIPELINE_CONFIGS)}"
+        )
     if pipeline is not None and name != pipeline:
         raise ValueError(
             f"the {pipeline} pipeline needs a {PIPELINE_CONFIGS[pipeline].__name__}, got a config "

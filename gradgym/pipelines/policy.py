@@ -36,7 +36,10 @@ WEIGHTS_STREAM, TRAIN_STREAM, EVAL_STREAM = 1, 2, 3  # host_rng streams of a run
 
 
 def init_mlp(env: Env, rng: np.random.Generator, sizes: list[int]) -> list[tuple[Any, Any]]:
-    """``[(weight [in, out], bias [out]), ...]`` ~ U(-1/sqrt(in), 1/sqrt(in)), on ``env``'s backend."""
+    """``[(weight [in, out], bias [out]), ...]``, each ~ U(-1/sqrt(in), 1/sqrt(in)).
+
+    Drawn on the host from ``rng`` and moved to ``env``'s backend and dtype.
+    """
     layers = []
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
         bound = 1.0 / math.sqrt(fan_in)
@@ -54,16 +57,19 @@ def mlp_action(xp: Any, params: list[tuple[Any, Any]], obs: Any, unused: Any = N
     return hidden
 
 
-def policy_loss(env: Env, ops: Any, step: Any, horizon: int, grad_horizon: int, params: Any,
-                start: Any):
+def policy_loss(
+    env: Env, ops: Any, step: Any, horizon: int, grad_horizon: int, params: Any, start: Any
+):
     """``(loss, returns [B])`` of the policy ``params`` over ``horizon`` steps from ``start``."""
-    returns = rollout_returns(ops, step, params, initial_carry(env, start), None, horizon,
-                              grad_horizon)
+    returns = rollout_returns(
+        ops, step, params, initial_carry(env, start), None, horizon, grad_horizon
+    )
     return -ops.xp.mean(returns), returns
 
 
-def optimize(env: Env, cfg: Optional[PolicyConfig] = None, seed: int = 0,
-             report: Optional[Report] = None) -> PipelineResult:
+def optimize(
+    env: Env, cfg: Optional[PolicyConfig] = None, seed: int = 0, report: Optional[Report] = None
+) -> PipelineResult:
     """Train an MLP policy on ``env`` by BPTT.
 
     Args:

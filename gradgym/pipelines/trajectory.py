@@ -21,6 +21,7 @@ from typing import Any, Optional
 from gradgym.envs.core import Env
 from gradgym.pipelines._loop import GRADIENT_STEP_METRICS, LoopSpec, run_loop
 from gradgym.pipelines._rollout import (
+    backend_ops,
     host_rng,
     host_uniform,
     initial_carry,
@@ -29,7 +30,6 @@ from gradgym.pipelines._rollout import (
     start_states,
     transition,
 )
-from gradgym.pipelines._rollout import backend_ops
 from gradgym.pipelines.base import PipelineResult, Report, no_report
 from gradgym.pipelines.config import TrajectoryConfig, validate_config
 
@@ -48,8 +48,9 @@ def open_loop_loss(env: Env, ops: Any, step: Any, horizon: int, logits: Any, sta
     return -ops.xp.mean(returns), returns
 
 
-def optimize(env: Env, cfg: Optional[TrajectoryConfig] = None, seed: int = 0,
-             report: Optional[Report] = None) -> PipelineResult:
+def optimize(
+    env: Env, cfg: Optional[TrajectoryConfig] = None, seed: int = 0, report: Optional[Report] = None
+) -> PipelineResult:
     """Optimize open-loop action sequences for ``cfg.batch`` start states of ``env``.
 
     Args:
@@ -75,7 +76,9 @@ def optimize(env: Env, cfg: Optional[TrajectoryConfig] = None, seed: int = 0,
     logits = host_uniform(env, host_rng(seed, LOGITS_STREAM), shape, cfg.init_scale)
     act = functools.partial(open_loop_action, env.xp)
     step = ops.compile_step(functools.partial(transition, env, act), cfg)
-    trainer = ops.Trainer(functools.partial(open_loop_loss, env, ops, step, cfg.horizon), logits, cfg)
+    trainer = ops.Trainer(
+        functools.partial(open_loop_loss, env, ops, step, cfg.horizon), logits, cfg
+    )
 
     def render(params: Any) -> list:
         return record_frames(ops, env, act, None, start, ops.xp.moveaxis(params, 1, 0), cfg.horizon)
