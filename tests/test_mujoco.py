@@ -214,7 +214,7 @@ def test_jax_jit_vmap_and_scan_through_the_step():
             return state, reward
         return jax.lax.scan(body, state, actions)
 
-    final, rewards = jax.jit(rollout)(env.as_state(start), jax.numpy.asarray(actions))
+    _, rewards = jax.jit(rollout)(env.as_state(start), jax.numpy.asarray(actions))
     expected_state, expected = start, []
     for action in actions:
         expected_state, _, reward, _ = twin.step(expected_state, action)
@@ -302,7 +302,7 @@ def test_gymnasium_adapter_runs_a_mujoco_task_to_termination():
     assert obs.shape == (11,)
     terminated, steps = False, 0
     while not terminated and steps < 300:
-        obs, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+        obs, _, terminated, _, _ = env.step(env.action_space.sample())
         steps += 1
     assert terminated, "random actions should topple the hopper within 300 steps"
     frame = env.render()

@@ -57,7 +57,7 @@ def problem(name: str, kwargs: dict):
     return env, start, actions
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_gradient(name: str, kwargs_items: tuple) -> np.ndarray:
     """Central differences of the return, every perturbed rollout in one numpy batch."""
     env, start, actions = problem(name, dict(kwargs_items))
@@ -75,7 +75,7 @@ def reference_gradient(name: str, kwargs_items: tuple) -> np.ndarray:
 
 
 def torch_gradient(name: str, kwargs: dict) -> np.ndarray:
-    twin, start, actions = problem(name, kwargs)
+    _, start, actions = problem(name, kwargs)
     env = gradgym.make(name, backend="torch", dtype="float64", **kwargs)
     plan = torch.tensor(actions, requires_grad=True)
     state, total = env.as_state(start), 0.0
@@ -87,7 +87,7 @@ def torch_gradient(name: str, kwargs: dict) -> np.ndarray:
 
 
 def jax_gradient(name: str, kwargs: dict) -> np.ndarray:
-    twin, start, actions = problem(name, kwargs)
+    _, start, actions = problem(name, kwargs)
     env = gradgym.make(name, backend="jax", dtype="float64", **kwargs)
 
     def total_return(plan):

@@ -13,15 +13,15 @@ import os
 # not chosen one.
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from gradgym.envs.mujoco.ant import Ant  # noqa: E402
-from gradgym.envs.mujoco.base import MujocoState, MujocoTask  # noqa: E402
-from gradgym.envs.mujoco.half_cheetah import HalfCheetah  # noqa: E402
-from gradgym.envs.mujoco.hopper import Hopper  # noqa: E402
-from gradgym.envs.mujoco.humanoid import Humanoid  # noqa: E402
-from gradgym.envs.mujoco.inverted_double_pendulum import InvertedDoublePendulum  # noqa: E402
-from gradgym.envs.mujoco.inverted_pendulum import InvertedPendulum  # noqa: E402
-from gradgym.envs.mujoco.swimmer import Swimmer  # noqa: E402
-from gradgym.envs.mujoco.walker2d import Walker2d  # noqa: E402
+from gradgym.envs.mujoco.ant import Ant
+from gradgym.envs.mujoco.base import MujocoState, MujocoTask
+from gradgym.envs.mujoco.half_cheetah import HalfCheetah
+from gradgym.envs.mujoco.hopper import Hopper
+from gradgym.envs.mujoco.humanoid import Humanoid
+from gradgym.envs.mujoco.inverted_double_pendulum import InvertedDoublePendulum
+from gradgym.envs.mujoco.inverted_pendulum import InvertedPendulum
+from gradgym.envs.mujoco.swimmer import Swimmer
+from gradgym.envs.mujoco.walker2d import Walker2d
 
 TASKS = (
     InvertedPendulum,

@@ -24,7 +24,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from gradgym.envs.backends import Backend
-from gradgym.envs.mujoco.base import Camera, MujocoState, MujocoTask, control_cost, indicator, inside
+from gradgym.envs.mujoco.base import (
+    Camera,
+    MujocoState,
+    MujocoTask,
+    control_cost,
+    indicator,
+    inside,
+)
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,7 @@ class MujocoTask(Task):
 
     # ------------------------------------------------------------------ model facts
     @property
-    def physics(self) -> "Physics":
+    def physics(self) -> Physics:
         """The MuJoCo engine of this task (one per distinct task, shared by its envs)."""
         physics = self.__dict__.get("_physics")
         if physics is None:  # kept on the instance: the step path reads it often
@@ -203,7 +203,7 @@ class MujocoTask(Task):
         return xp.reshape(part, tuple(readouts.shape[:-1]) + tuple(physics.readout_shapes[name]))
 
     # ------------------------------------------------------------------ rendering
-    def make_renderer(self) -> "MujocoRenderer":
+    def make_renderer(self) -> MujocoRenderer:
         return MujocoRenderer(self.physics.model, self.width, self.height, self.camera)
 
 
@@ -268,15 +268,15 @@ def _check_range(task: Task, name: str) -> None:
         raise ValueError(f"{task.name}: {name} must be a pair (low, high) with low <= high, got {value!r}")
 
 
-@functools.lru_cache(maxsize=None)
-def _physics(task: MujocoTask) -> "Physics":
+@functools.cache
+def _physics(task: MujocoTask) -> Physics:
     from gradgym.envs.mujoco.physics import Physics
 
     return Physics(_model(task.xml_file), task.frame_skip, task.readout_fields,
                    num_threads=task.num_threads)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(xml_file: str) -> Any:
     from gradgym.envs.mujoco.physics import load_model
 

@@ -79,11 +79,11 @@ def _torch_function() -> type:
         """MuJoCo env step with a Jacobian-vector-product backward."""
 
         @staticmethod
-        def forward(ctx, physics, qpos, qvel, ctrl, warmstart):  # noqa: D401
+        def forward(ctx, physics, qpos, qvel, ctrl, warmstart):
             out = physics.step(*(_torch_to_numpy(x) for x in (qpos, qvel, ctrl, warmstart)))
             ctx.physics = physics
             ctx.save_for_backward(qpos, qvel, ctrl, warmstart)
-            like = dict(dtype=qpos.dtype, device=qpos.device)
+            like = {"dtype": qpos.dtype, "device": qpos.device}
             warm = torch.as_tensor(out.warmstart, **like)
             ctx.mark_non_differentiable(warm)
             return (torch.as_tensor(out.qpos, **like), torch.as_tensor(out.qvel, **like),
@@ -116,7 +116,7 @@ _torch_step = _LazyTorchStep()
 
 
 # ---------------------------------------------------------------------------- jax
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jax_step(physics: Physics) -> Any:
     """The jax operation of ``physics`` (one per Physics, so jit caches stay valid)."""
     import jax

@@ -31,6 +31,7 @@ finite differences over the whole env step, all perturbations stepped as one bat
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -39,7 +40,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import mujoco
 import numpy as np
@@ -252,7 +252,7 @@ class Physics:
             self._step_rows(self._data, rows, readouts)
         else:  # mj_step releases the GIL: slices of the batch step in parallel
             bounds = np.linspace(0, n, threads + 1).astype(int)
-            slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+            slices = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
             pool, datas = self._thread_pool(threads)
             list(pool.map(lambda d, part: self._step_rows(d, rows[part], readouts[part]),
                           datas, slices))
