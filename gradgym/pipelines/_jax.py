@@ -63,7 +63,7 @@ def make_optimizer(cfg: Any) -> optax.GradientTransformation:
 
 
 def step_metrics(loss: Any, returns: Any, grads: Any) -> Any:
-    """``STEP_METRICS`` as one vector, so one transfer brings them all to the host."""
+    """``GRADIENT_STEP_METRICS`` as one vector: one transfer brings them to the host."""
     leaves = [jnp.ravel(g) for g in jax.tree_util.tree_leaves(grads)]
     flat = jnp.concatenate(leaves)
     return jnp.stack(
@@ -112,7 +112,7 @@ class Trainer:
         return time.perf_counter() - began
 
     def step(self, inputs: Any) -> list[float]:
-        """One update; the values of ``STEP_METRICS`` at the parameters before it."""
+        """One update; ``GRADIENT_STEP_METRICS`` at the parameters before it."""
         self.params, self._opt_state, metrics, self._grads = self._update(
             self.params, self._opt_state, inputs
         )

@@ -86,7 +86,7 @@ class Trainer:
         return time.perf_counter() - began
 
     def step(self, inputs: Any) -> list[float]:
-        """One update; the values of ``STEP_METRICS`` at the parameters before it."""
+        """One update; ``GRADIENT_STEP_METRICS`` at the parameters before it."""
         loss, returns = self._loss_fn(self.params, inputs)
         self._optimizer.zero_grad(set_to_none=False)  # zeros where the loss has no path
         if loss.requires_grad:  # e.g. a constant reward whose only dependence is through done
