@@ -168,8 +168,8 @@ def test_asha_stops_a_poor_trial_early(tmp_path):
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed_reruns_only_unfinished_trials(tmp_path):
     # Short and long trials side by side: a short one finishes while a long one runs.
-    grid = {"pipeline.iters": [4, 24], "env": ["Pendulum"], "backend": ["torch"], "seed": [0, 1]}
-    path = _sweep_file(tmp_path, "t-resume", grid, overrides={"testing.iteration_delay_s": 0.3})
+    grid = {"pipeline.iters": [4, 20], "env": ["Pendulum"], "backend": ["torch"], "seed": [0, 1]}
+    path = _sweep_file(tmp_path, "t-resume", grid, overrides={"testing.iteration_delay_s": 0.2})
     trials = tmp_path / "sweeps" / "t-resume" / "trials"
     process = start_gradgym(["sweep", str(path)], cwd=tmp_path, log_path=tmp_path / "first.log")
     try:

@@ -139,7 +139,7 @@ def resume_sweep(name: str, *, storage: str = "sweeps") -> SweepOutcome:
     parent = json.loads((sweep_dir / PARENT_FILE).read_text()) if (sweep_dir / PARENT_FILE).is_file() else {}
     if parent:
         _retry_store(lambda: tracking_client(parent["uri"]).update_run(parent["run_id"], status="RUNNING"),
-                     parent["uri"], _outage_limit(cfg))
+                     _outage_limit(cfg))
     return _run(cfg, sweep_dir, parent, restore=True)
 
 
@@ -193,12 +193,12 @@ def _create_parent_run(cfg: DictConfig, sweep_dir: Path) -> dict[str, Any]:
 
     try:
         # Fail before Ray starts if the store cannot be reached at all.
-        parent = _retry_store(create, uri, min(30.0, tracking.outage_limit_s))
+        parent = _retry_store(create, min(30.0, tracking.outage_limit_s))
     except Exception as err:  # noqa: BLE001 - reported as a sweep that cannot start
         raise SweepFailed(f"cannot reach the MLflow tracking store {uri}: {err}") from err
-    params = {k: str(v)[:6000] for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
     from mlflow.entities import Param
 
+    params = {k: str(v)[:6000] for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(parent["run_id"], params=items[i:i + 100])
@@ -207,7 +207,7 @@ def _create_parent_run(cfg: DictConfig, sweep_dir: Path) -> dict[str, Any]:
     return parent
 
 
-def _retry_store(action: Any, uri: str, limit_s: float) -> Any:
+def _retry_store(action: Any, limit_s: float) -> Any:
     """Run ``action`` until it succeeds, retrying transient store errors for ``limit_s``."""
     deadline = time.monotonic() + limit_s
     while True:
@@ -404,8 +404,37 @@ def _finish(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any], results
     backend_comparison(curves, sweep_dir / "comparison.png", title=f"sweep {cfg.name}")
     outcome = SweepOutcome(cfg.name, sweep_dir, rows, parent.get("run_id"), parent.get("uri"))
     if parent:
-        _close_parent(parent, sweep_dir, rows, _outage_limit(cfg), interrupted=outcome.interrupted)
+        tracking = _trial_tracking(cfg, parent)
+        for row in rows:
+            _settle_trial(sweep_dir / TRIALS_DIR / row["trial"], row, tracking)
+        _close_parent(parent, sweep_dir, rows, tracking.outage_limit_s, interrupted=outcome.interrupted)
     return outcome
+
+
+def _trial_tracking(cfg: DictConfig, parent: Mapping[str, Any]) -> DictConfig:
+    from gradgym.platform.config import compose_run_config
+
+    placement = {"tracking.uri": parent["uri"], "tracking.experiment": parent["experiment"]}
+    return compose_run_config(_base_layer(cfg), placement).tracking
+
+
+def _settle_trial(run_dir: Path, row: Mapping[str, Any], tracking: DictConfig) -> None:
+    """Deliver what a trial could not before its process ended (killed, stopped by the
+    scheduler while closing, out of retries): its unsent iterations and the end of its run."""
+    from gradgym.platform.runner import MLFLOW_STATUS
+    from gradgym.platform.tracking import RunTracker
+
+    state = _read_json(run_dir / STATE_FILE)
+    if not state.get("run_id"):
+        return  # it never reached the store: its metrics stay in its folder
+    unsent = len(_read_jsonl(run_dir / METRICS_FILE)) > state.get("acked", 0)
+    status = row["status"]
+    mlflow_status = MLFLOW_STATUS.get(status, "KILLED")  # UNFINISHED: until resumed
+    if not unsent and tracking_client(tracking.uri).get_run(state["run_id"]).info.status != "RUNNING":
+        return
+    tracker = RunTracker(run_dir, tracking, run_name=row["trial"], tags={}, params={})
+    tracker.finish(mlflow_status, error=row.get("error") if status == "FAILED" else None,
+                   tags={"stopped_early": "true"} if status == "STOPPED" else None)
 
 
 def _collect(cfg: DictConfig, sweep_dir: Path, results: Any) -> tuple[list[dict], list[dict]]:
@@ -438,17 +467,10 @@ def _collect(cfg: DictConfig, sweep_dir: Path, results: Any) -> tuple[list[dict]
 
 def _close_parent(parent: Mapping[str, Any], sweep_dir: Path, rows: list[dict], limit_s: float,
                   interrupted: bool) -> None:
-    """Mark children that died without a word FAILED; log the sweep's artifacts; end the
-    parent (KILLED if trials are left to resume)."""
+    """Log the sweep's artifacts and end the parent run (KILLED if trials are left to resume)."""
     client = tracking_client(parent["uri"])
 
     def close() -> None:
-        for row in rows:
-            run_id = row.get("mlflow_run_id")
-            if row["status"] == "FAILED" and run_id:
-                if client.get_run(run_id).info.status == "RUNNING":
-                    client.set_tag(run_id, "error", str(row.get("error", ""))[-5000:])
-                    client.set_terminated(run_id, status="FAILED")
         for name in ("summary.csv", "comparison.png"):
             client.log_artifact(parent["run_id"], str(sweep_dir / name))
         failed = sum(row["status"] == "FAILED" for row in rows)
@@ -456,7 +478,7 @@ def _close_parent(parent: Mapping[str, Any], sweep_dir: Path, rows: list[dict], 
         client.set_tag(parent["run_id"], "trials_failed", str(failed))
         client.set_terminated(parent["run_id"], status="KILLED" if interrupted else "FINISHED")
 
-    _retry_store(close, parent["uri"], limit_s)
+    _retry_store(close, limit_s)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

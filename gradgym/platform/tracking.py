@@ -274,11 +274,10 @@ class RunTracker:
         """
         if not self.enabled:
             return
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
-        deadline = time.monotonic() + self.cfg.outage_limit_s
+        self.close()
+        self.raise_if_broken()
+        # The store may already have been away for a while: the limit counts from then.
+        deadline = (self._failing_since or time.monotonic()) + self.cfg.outage_limit_s
         while True:
             try:
                 self._flush()
