@@ -10,7 +10,6 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -53,28 +52,28 @@ class MlflowServer:
     ``stop()`` and ``start()`` again keep the port and the store, as a restart would.
     """
 
-    def __init__(self, root: Path, port: Optional[int] = None):
+    def __init__(self, root: Path, port: int | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
-        self.process: Optional[subprocess.Popen] = None
+        self.process: subprocess.Popen | None = None
 
     @property
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 180.0) -> "MlflowServer":
+    def start(self, timeout: float = 180.0) -> MlflowServer:
         command = [
             sys.executable, "-m", "mlflow", "server",
             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
             "--artifacts-destination", str(self.root / "artifacts"),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]
-        log = open(self.root / "server.log", "ab")
-        self.process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-        )
+        with open(self.root / "server.log", "ab") as log:  # the server keeps its own copy
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -110,14 +109,14 @@ def run_gradgym(args: list[str], cwd: Path, timeout: float = 300.0, **env: str) 
     """Run ``gradgym ARGS`` (``python -m gradgym.platform.cli``) to completion."""
     return subprocess.run(
         [sys.executable, "-m", "gradgym.platform.cli", *args], cwd=cwd, env=clean_env(**env),
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True, text=True, timeout=timeout, check=False,
     )
 
 
 def start_gradgym(args: list[str], cwd: Path, log_path: Path, **env: str) -> subprocess.Popen:
     """Start ``gradgym ARGS`` in its own process group (so that a test can kill all of it)."""
-    log = open(log_path, "ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "gradgym.platform.cli", *args], cwd=cwd, env=clean_env(**env),
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the file
+        return subprocess.Popen(
+            [sys.executable, "-m", "gradgym.platform.cli", *args], cwd=cwd, env=clean_env(**env),
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )

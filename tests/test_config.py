@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from omegaconf.errors import ReadonlyConfigError
 
 from gradgym.envs import registered
 from gradgym.pipelines.config import PIPELINE_CONFIGS, CEMConfig, TrajectoryConfig
@@ -52,7 +53,7 @@ def test_dotlist_nested_mapping_and_dotted_mapping_are_equivalent():
 
 def test_composed_config_is_read_only():
     cfg = compose_run_config()
-    with pytest.raises(Exception):
+    with pytest.raises(ReadonlyConfigError):
         cfg.seed = 3
 
 

@@ -15,9 +15,8 @@ import imageio.v3 as iio
 import psutil
 import pytest
 import yaml
-from mlflow import MlflowClient
-
 from conftest import run_gradgym, start_gradgym, stop_process_group
+from mlflow import MlflowClient
 
 ITERS = 6
 TINY = {

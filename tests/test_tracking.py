@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port, run_gradgym, start_gradgym, stop_process_group
 from mlflow import MlflowClient
 
-from conftest import free_port, run_gradgym, start_gradgym, stop_process_group
 from gradgym.platform.config import compose_run_config
 from gradgym.platform.tracking import (
     METRICS_FILE,

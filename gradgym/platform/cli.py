@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 EXIT_CONFIG_ERROR = 2
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradgym`` console script; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)

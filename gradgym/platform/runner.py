@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -45,7 +46,7 @@ def default_run_dir(cfg: DictConfig, root: str | Path = "runs") -> Path:
     return Path(root) / f"{cfg.pipeline.name}-{cfg.env}-{cfg.backend}-s{cfg.seed}-{stamp}"
 
 
-def run_tags(cfg: DictConfig, sweep: Optional[str] = None) -> dict[str, str]:
+def run_tags(cfg: DictConfig, sweep: str | None = None) -> dict[str, str]:
     """The MLflow tags every run carries (``sweep`` only for sweep trials)."""
     tags = {"backend": cfg.backend, "env": cfg.env, "pipeline": cfg.pipeline.name, "seed": str(cfg.seed)}
     if sweep:
@@ -53,9 +54,9 @@ def run_tags(cfg: DictConfig, sweep: Optional[str] = None) -> dict[str, str]:
     return tags
 
 
-def execute_run(cfg: DictConfig, *, resume: bool = False, parent_run_id: Optional[str] = None,
-                sweep: Optional[str] = None, run_name: Optional[str] = None,
-                on_iteration: Optional[OnIteration] = None) -> dict[str, Any]:
+def execute_run(cfg: DictConfig, *, resume: bool = False, parent_run_id: str | None = None,
+                sweep: str | None = None, run_name: str | None = None,
+                on_iteration: OnIteration | None = None) -> dict[str, Any]:
     """Run ``cfg``'s pipeline, writing its run folder and logging to MLflow.
 
     Args:
@@ -112,7 +113,7 @@ def execute_run(cfg: DictConfig, *, resume: bool = False, parent_run_id: Optiona
     return summary
 
 
-def _run_pipeline(cfg: DictConfig, recorder: "_Recorder") -> Any:
+def _run_pipeline(cfg: DictConfig, recorder: _Recorder) -> Any:
     from gradgym.envs import make
     from gradgym.pipelines import run_pipeline
 
@@ -134,7 +135,7 @@ def _ending(err: BaseException) -> str:
 MLFLOW_STATUS = {"FINISHED": "FINISHED", "FAILED": "FAILED", "KILLED": "KILLED", "STOPPED": "KILLED"}
 
 
-def _close_after_error(tracker: RunTracker, recorder: "_Recorder", summary: dict[str, Any],
+def _close_after_error(tracker: RunTracker, recorder: _Recorder, summary: dict[str, Any],
                        status: str, err: BaseException, run_dir: Path) -> None:
     write_json(run_dir / "summary.json", summary)
     if isinstance(err, TrackingError):
@@ -154,7 +155,7 @@ class _Recorder:
     """The pipeline's report callback: metrics to the tracker, artifacts to files."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, tracker: RunTracker, attempt: int,
-                 on_iteration: Optional[OnIteration]):
+                 on_iteration: OnIteration | None):
         self.cfg = cfg
         self.run_dir = run_dir
         self.tracker = tracker
@@ -168,7 +169,7 @@ class _Recorder:
         self._bar = _progress_bar(cfg)
 
     def __call__(self, metrics: Mapping[str, float], step: int,
-                 artifacts: Optional[Mapping[str, Any]] = None) -> None:
+                 artifacts: Mapping[str, Any] | None = None) -> None:
         if artifacts:
             self._save_artifacts(artifacts, step)
         if not any(key in metrics for key in ITERATION_METRICS):
@@ -221,7 +222,7 @@ def _progress_bar(cfg: DictConfig) -> Any:
 
 
 def _summary(cfg: DictConfig, tracker: RunTracker, recorder: _Recorder, began: float,
-             status: str, result: Any = None, error: Optional[BaseException] = None) -> dict[str, Any]:
+             status: str, result: Any = None, error: BaseException | None = None) -> dict[str, Any]:
     times = [t for t in recorder.iter_times if math.isfinite(t)]
     summary: dict[str, Any] = {
         "status": status,

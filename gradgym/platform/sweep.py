@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -68,8 +69,8 @@ class SweepOutcome:
     name: str
     sweep_dir: Path
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per trial
-    parent_run_id: Optional[str] = None
-    tracking_uri: Optional[str] = None
+    parent_run_id: str | None = None
+    tracking_uri: str | None = None
     fit_wall_s: float = 0.0  # wall time of Ray Tune's fit (all trials, without Ray's start)
 
     @property
@@ -107,7 +108,7 @@ class SweepOutcome:
 
 # ---------------------------------------------------------------------- entry points
 
-def start_sweep(path: str | Path, overrides: Sequence[str] = (), *, storage: Optional[str] = None) -> SweepOutcome:
+def start_sweep(path: str | Path, overrides: Sequence[str] = (), *, storage: str | None = None) -> SweepOutcome:
     """Validate the sweep file (every trial), then run it on Ray Tune.
 
     Raises:
@@ -194,7 +195,7 @@ def _create_parent_run(cfg: DictConfig, sweep_dir: Path) -> dict[str, Any]:
     try:
         # Fail before Ray starts if the store cannot be reached at all.
         parent = _retry_store(create, min(30.0, tracking.outage_limit_s))
-    except Exception as err:  # noqa: BLE001 - reported as a sweep that cannot start
+    except Exception as err:
         raise SweepFailed(f"cannot reach the MLflow tracking store {uri}: {err}") from err
     from mlflow.entities import Param
 
@@ -213,7 +214,7 @@ def _retry_store(action: Any, limit_s: float) -> Any:
     while True:
         try:
             return action()
-        except Exception as err:  # noqa: BLE001 - classified right below
+        except Exception as err:
             if not is_transient(err) or time.monotonic() > deadline:
                 raise
             time.sleep(1.0)
@@ -369,7 +370,7 @@ def run_trial(config: dict[str, Any], sweep: Mapping[str, Any]) -> None:
     tune.report({**final, "iteration": summary["iterations"], "finished": 1})
 
 
-def _finished_summary(run_dir: Path) -> Optional[dict[str, Any]]:
+def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / "summary.json"
     if path.is_file():
         summary = json.loads(path.read_text())

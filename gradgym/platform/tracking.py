@@ -25,8 +25,9 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -47,7 +48,7 @@ class TrackingError(RuntimeError):
 
 # ---------------------------------------------------------------------- store
 
-def resolve_tracking_uri(uri: Optional[str] = None) -> str:
+def resolve_tracking_uri(uri: str | None = None) -> str:
     """The tracking URI to use: ``uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded
     store ``sqlite:///mlflow.db`` in the working directory.
 
@@ -184,7 +185,7 @@ class RunTracker:
 
     def __init__(self, run_dir: Path, cfg: DictConfig, *, run_name: str,
                  tags: Mapping[str, str], params: Mapping[str, str],
-                 parent_run_id: Optional[str] = None):
+                 parent_run_id: str | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
@@ -201,22 +202,22 @@ class RunTracker:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._run_started = False  # this attempt has (re)marked the run RUNNING
-        self._pending_artifacts: list[tuple[Path, Optional[str]]] = []
+        self._pending_artifacts: list[tuple[Path, str | None]] = []
         self._pending_final: list[Any] = []
-        self._failing_since: Optional[float] = None
-        self._last_error: Optional[BaseException] = None
-        self._fatal: Optional[BaseException] = None
+        self._failing_since: float | None = None
+        self._last_error: BaseException | None = None
+        self._fatal: BaseException | None = None
         self.batches_sent = 0  # log_batch requests that carried metrics
 
     # ------------------------------------------------------------------ public
     @property
-    def run_id(self) -> Optional[str]:
+    def run_id(self) -> str | None:
         """The MLflow run id, once the run exists in the store."""
         return self._state.get("run_id")
 
-    def start(self) -> "RunTracker":
+    def start(self) -> RunTracker:
         """Start sending in the background (first send: now)."""
         if self.enabled:
             configure_http(self.cfg.request_timeout_s)
@@ -242,7 +243,7 @@ class RunTracker:
         stamp = _now_ms()
         self._pending_final = [Metric(k, float(v), stamp, int(step)) for k, v in metrics.items()]
 
-    def log_artifact(self, path: Path, artifact_dir: Optional[str] = None) -> None:
+    def log_artifact(self, path: Path, artifact_dir: str | None = None) -> None:
         """Queue a file of the run folder for upload (retried like metrics)."""
         if self.enabled:
             with self._lock:
@@ -261,8 +262,8 @@ class RunTracker:
             if away > self.cfg.outage_limit_s:
                 raise TrackingError(self._outage_message(away)) from self._last_error
 
-    def finish(self, status: str = "FINISHED", error: Optional[str] = None,
-               tags: Optional[Mapping[str, str]] = None) -> None:
+    def finish(self, status: str = "FINISHED", error: str | None = None,
+               tags: Mapping[str, str] | None = None) -> None:
         """Send everything left, end the MLflow run with ``status``, stop the sender.
 
         ``error`` (a traceback) becomes the run's ``error`` tag; ``tags`` are set too.
@@ -283,7 +284,7 @@ class RunTracker:
                 self._flush()
                 self._send_final(status, error, tags or {})
                 return
-            except Exception as err:  # noqa: BLE001 - classified right below
+            except Exception as err:
                 if not is_transient(err):
                     self._fatal = err
                     self.raise_if_broken()
@@ -392,7 +393,7 @@ class RunTracker:
             with self._lock:
                 self._pending_artifacts.pop(0)
 
-    def _send_final(self, status: str, error: Optional[str], tags: Mapping[str, str]) -> None:
+    def _send_final(self, status: str, error: str | None, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
         client = tracking_client(self.uri)
@@ -428,7 +429,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _short(err: Optional[BaseException]) -> str:
+def _short(err: BaseException | None) -> str:
     text = str(err) if err is not None else "none"
     return text if len(text) < 300 else text[:300] + "..."
 
