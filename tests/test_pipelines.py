@@ -33,6 +33,7 @@ from gradgym.pipelines._rollout import (
     host_uniform,
     initial_carry,
     loop_scan,
+    masked_return,
     rollout_returns,
     start_states,
     transition,
@@ -226,7 +227,7 @@ def test_policy_gradient_matches_central_differences_with_truncation(backend, gr
         weights, carry, total = unflatten(flat), initial_carry(twin, start), 0.0
         for begin in range(0, 6, window):
             length = min(window, 6 - begin)
-            _, rewards = loop_scan(np.stack, step, weights, carry, None, length)
+            _, (rewards, _) = loop_scan(np.stack, step, weights, carry, None, length)
             total = total + rewards.sum(axis=0)
             carry, _ = loop_scan(np.stack, step, weights0, carry, None, length)  # held fixed
         return -np.mean(total)
@@ -444,6 +445,16 @@ def test_non_finite_return_stops_with_a_clear_error_after_reporting(backend):
     assert [step for _, step, _ in rec.iterations] == [0]
     final, step, _ = rec.final
     assert step == 1 and math.isnan(final["final_return"]) and "compile_time_s" in final
+
+
+@pytest.mark.parametrize("backend", ["numpy", "jax", "torch"])
+def test_masked_return_counts_rewards_up_to_the_first_done(backend):
+    xp = get_backend(backend).xp
+    rewards = xp.asarray([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [4.0, 4.0, 4.0], [8.0, 8.0, 8.0]])
+    dones = xp.asarray(
+        [[False, True, False], [True, False, False], [True, True, False], [False, False, False]]
+    )
+    np.testing.assert_array_equal(to_numpy(masked_return(xp, rewards, dones)), [3.0, 1.0, 15.0])
 
 
 @pytest.mark.parametrize("backend", ["numpy", "jax", "torch"])

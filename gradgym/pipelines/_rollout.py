@@ -103,26 +103,18 @@ def first_of_batch(tree: Any) -> Any:
 # ---------------------------------------------------------------------- rollouts
 
 
-def initial_carry(env: Env, start: Any) -> tuple[Any, Any, Any]:
-    """``(state, obs, alive)`` at the start of a rollout; every trajectory starts alive."""
-    alive = env.xp.logical_not(env.backend.falses(env.task.batch_shape(start)))
-    return start, env.observe(start), alive
+def initial_carry(env: Env, start: Any) -> tuple[Any, Any]:
+    """``(state, obs)`` at the start of a rollout."""
+    return start, env.observe(start)
 
 
 def transition(
-    env: Env, act: Act, params: Any, carry: tuple[Any, Any, Any], x: Any
-) -> tuple[Any, Any]:
-    """One step of a rollout: act, step, and zero the reward of trajectories already done.
-
-    A trajectory counts the reward of the step on which it terminates and nothing after,
-    with ``where`` (no host sync, no branching on values).
-    """
-    state, obs, alive = carry
-    xp = env.xp
+    env: Env, act: Act, params: Any, carry: tuple[Any, Any], x: Any
+) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+    """One step of a rollout: ``((state, obs), (reward, done))``."""
+    state, obs = carry
     state, obs, reward, done = env.step(state, act(params, obs, x))
-    reward = xp.where(alive, reward, xp.zeros_like(reward))
-    alive = xp.logical_and(alive, xp.logical_not(done))
-    return (state, obs, alive), reward
+    return (state, obs), (reward, done)
 
 
 def rollout_returns(
@@ -134,33 +126,53 @@ def rollout_returns(
     horizon: int,
     grad_horizon: int = 0,
 ) -> Any:
-    """The return ``[B]`` (sum of masked rewards) of ``horizon`` steps of ``step``.
+    """The return ``[B]`` of ``horizon`` steps of ``step`` (see :func:`masked_return`).
 
     ``xs`` are time-major per-step inputs (``[T, ...]``) or ``None``. With ``grad_horizon``
     (truncated back-propagation through time) the rollout is cut into windows of that many
     steps and no gradient flows from one window into the previous one.
     """
     window = grad_horizon if 0 < grad_horizon < horizon else horizon
-    total = None
+    rewards, dones = [], []
     for begin in range(0, horizon, window):
         length = min(window, horizon - begin)
         if begin > 0:
             carry = ops.stop_gradient(carry)
         window_xs = None if xs is None else xs[begin : begin + length]
-        carry, rewards = ops.scan(step, params, carry, window_xs, length)
-        window_return = ops.xp.sum(rewards, axis=0)
-        total = window_return if total is None else total + window_return
-    return total
+        carry, (window_rewards, window_dones) = ops.scan(step, params, carry, window_xs, length)
+        rewards.append(window_rewards)
+        dones.append(window_dones)
+    xp = ops.xp
+    if len(rewards) > 1:
+        rewards, dones = [xp.concat(rewards, axis=0)], [xp.concat(dones, axis=0)]
+    return masked_return(xp, rewards[0], dones[0])
+
+
+def masked_return(xp: Any, rewards: Any, dones: Any) -> Any:
+    """Sum over time (axis 0) of each trajectory's rewards up to its first ``done``.
+
+    The reward of the step that terminates counts, nothing after it does. Done once per
+    rollout rather than per step, with ``where`` (no host sync, no branching on values).
+    """
+    zeros = xp.zeros_like(rewards)
+    ended = xp.where(dones, xp.ones_like(rewards), zeros)
+    ended_before = xp.cumsum(ended, axis=0) - ended
+    return xp.sum(xp.where(ended_before == 0, rewards, zeros), axis=0)
 
 
 def loop_scan(
     stack: Callable[[list], Any], step: Callable, params: Any, carry: Any, xs: Any, length: int
 ) -> tuple[Any, Any]:
-    """``lax.scan`` semantics as a Python loop (numpy, torch): outputs stacked on axis 0."""
+    """``lax.scan`` semantics as a Python loop (numpy, torch): outputs stacked on axis 0.
+
+    ``step`` returns one array or a tuple of arrays per step; each is stacked.
+    """
     outputs = []
     for t in range(length):
         carry, output = step(params, carry, None if xs is None else xs[t])
         outputs.append(output)
+    if isinstance(outputs[0], tuple):
+        return carry, tuple(stack(list(column)) for column in zip(*outputs))
     return carry, stack(outputs)
 
 
