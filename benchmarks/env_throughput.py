@@ -5,7 +5,8 @@ For CartPole, Pendulum and MountainCar at B = 1, 1024 and 16384 it times:
 - gradgym on numpy, torch (eager, explicit thread count) and jax (jit + lax.scan);
 - a hand-written reference of the same dynamics on the same backend (plain numpy / torch /
   jitted jax, no framework around it), so each gradgym figure has its own yardstick;
-- gymnax (jit + vmap + scan) and Gymnasium (single env, and its vectorized path: the
+- gymnax (jit + vmap + scan; its auto-resetting ``step`` with a fresh key per step, and the
+  bare ``step_env``) and Gymnasium (single env, and its vectorized path: the
   native CartPole vector env, a SyncVectorEnv for the others up to B = 1024).
 
 Every step computes the next state, the observation and the reward. Each figure is the best
@@ -185,26 +186,33 @@ GYMNAX_IDS = {"CartPole": "CartPole-v1", "Pendulum": "Pendulum-v1", "MountainCar
 GYMNASIUM_IDS = GYMNAX_IDS
 
 
-def gymnax_rate(name: str, batch: int, repeats: int) -> float:
+def gymnax_rates(name: str, batch: int, repeats: int) -> tuple[float, float]:
+    """gymnax's ``step`` (auto-reset, a fresh key per step as in its own rollouts) and
+    ``step_env`` (the bare transition, like gradgym's ``step``), jit + vmap + scan."""
     import gymnax
     import jax
     import jax.numpy as jnp
 
     env, params = gymnax.make(GYMNAX_IDS[name])
     steps = horizon_for(batch)
-    keys = jax.random.split(jax.random.key(0), batch)
-    _, states = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
+    _, states = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(jax.random.key(0), batch), params)
     discrete = name == "CartPole"
     actions = jnp.ones((batch,), jnp.int32) if discrete else jnp.full((batch,), 0.5, jnp.float32)
-    vstep = jax.vmap(env.step, in_axes=(0, 0, 0, None))
 
-    def body(carry, _):
-        states, keys = carry
-        obs, states, reward, *_ = vstep(keys, states, actions, params)
-        return (states, keys), reward.sum() + obs.sum()
+    def timed(transition):
+        vstep = jax.vmap(transition, in_axes=(0, 0, 0, None))
 
-    run = jax.jit(lambda c: jax.lax.scan(body, c, None, length=steps))
-    return best_rate(lambda: jax.block_until_ready(run((states, keys))), steps * batch, repeats)
+        def body(carry, _):
+            states, key = carry
+            key, sub = jax.random.split(key)
+            obs, states, reward, *_ = vstep(jax.random.split(sub, batch), states, actions, params)
+            return (states, key), reward.sum() + obs.sum()
+
+        run = jax.jit(lambda c: jax.lax.scan(body, c, None, length=steps))
+        carry = (states, jax.random.key(1))
+        return best_rate(lambda: jax.block_until_ready(run(carry)), steps * batch, repeats)
+
+    return timed(env.step), timed(env.step_env)
 
 
 def gymnasium_single_rate(name: str, repeats: int) -> float:
@@ -275,7 +283,8 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} thread(s), "
           f"jax {jax.__version__} on {jax.default_backend()}, numpy {np.__version__}\n")
     header = ("| env | B | gradgym numpy | ref numpy | ratio | gradgym torch | ref torch | ratio "
-              "| gradgym jax | ref jax | ratio | gymnax | jax/gymnax | Gymnasium single | Gymnasium vec "
+              "| gradgym jax | ref jax | ratio | gymnax step | gymnax step_env | jax/gymnax step_env "
+              "| Gymnasium single | Gymnasium vec "
               "| numpy/Gym vec |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -285,7 +294,7 @@ def main() -> None:
             np_g, np_r = numpy_rates(name, batch, args.repeats)
             th_g, th_r = torch_rates(name, batch, args.repeats)
             jx_g, jx_r = jax_rates(name, batch, args.repeats)
-            gx = gymnax_rate(name, batch, args.repeats)
+            gx_step, gx_env = gymnax_rates(name, batch, args.repeats)
             vec = gymnasium_vector_rate(name, batch, args.repeats)
             vec_rate = vec[0] if vec else None
             vec_text = f"{fmt(vec_rate)} ({vec[1]})" if vec else "—"
@@ -293,11 +302,11 @@ def main() -> None:
                 f"| {name} | {batch} | {fmt(np_g)} | {fmt(np_r)} | {np_g / np_r:.2f} "
                 f"| {fmt(th_g)} | {fmt(th_r)} | {th_g / th_r:.2f} "
                 f"| {fmt(jx_g)} | {fmt(jx_r)} | {jx_g / jx_r:.2f} "
-                f"| {fmt(gx)} | {jx_g / gx:.2f} | {fmt(single) if batch == 1 else ''} | {vec_text} "
+                f"| {fmt(gx_step)} | {fmt(gx_env)} | {jx_g / gx_env:.2f} | {fmt(single) if batch == 1 else ''} | {vec_text} "
                 f"| {'' if vec_rate is None else f'{np_g / vec_rate:.2f}'} |",
                 flush=True,
             )
-    print("\nTargets at B = 16384: each gradgym/ref ratio >= 0.8; jax/gymnax >= 1; "
+    print("\nTargets at B = 16384: each gradgym/ref ratio >= 0.8; jax/gymnax step_env >= 1; "
           "numpy / Gymnasium's vectorized CartPole >= 2.")
 
 
