@@ -17,7 +17,7 @@ compilation on jax), best of ``--rounds`` alternating rounds of pipeline and ref
 compile time is reported on its own (that of the fastest round).
 
     python benchmarks/pipeline_speed.py
-    python benchmarks/pipeline_speed.py --iters 100 --ivy-repeats 0   # skip ivy
+    python benchmarks/pipeline_speed.py --rounds 2 --ivy-repeats 0   # quicker, no ivy
 """
 
 from __future__ import annotations
@@ -297,9 +297,9 @@ def _in_temporary_directory():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iters", type=int, default=50, help="timed iterations per figure")
+    parser.add_argument("--iters", type=int, default=100, help="timed iterations per figure")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="alternating rounds; best median wins"
+        "--rounds", type=int, default=5, help="alternating rounds; best median wins"
     )
     parser.add_argument(
         "--ivy-repeats", type=int, default=1, help="ivy gradients to time (0: skip)"
