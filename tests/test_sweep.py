@@ -28,10 +28,21 @@ TINY = {
     "tracking.flush_every_s": 0.5,
 }
 GRID = {"env": ["Pendulum", "CartPole"], "backend": ["jax", "torch"], "seed": [0, 1]}
+# Orchestration tests (retries, resume, nodes): CEM on numpy, the cheapest trial to start.
+TINY_CEM = {
+    "pipeline": "cem",
+    "backend": "numpy",
+    "pipeline.iters": ITERS,
+    "pipeline.horizon": 10,
+    "pipeline.batch": 2,
+    "pipeline.population": 8,
+    "pipeline.elites": 2,
+    "tracking.flush_every_s": 0.5,
+}
 
 
-def _sweep_file(folder: Path, name: str, grid: dict, **extra) -> Path:
-    overrides = dict(TINY, **extra.pop("overrides", {}))
+def _sweep_file(folder: Path, name: str, grid: dict, base: dict = TINY, **extra) -> Path:
+    overrides = dict(base, **extra.pop("overrides", {}))
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"name": name, "overrides": overrides, "grid": grid, **extra}))
     return path
@@ -118,8 +129,8 @@ def test_sweep_on_the_embedded_default_store(tmp_path):
 
 @pytest.mark.slow
 def test_crashed_trial_is_retried_and_a_failing_trial_is_marked_failed(tmp_path):
-    grid = {"env": ["Pendulum"], "backend": ["torch"], "testing.crash_attempts": [1, 5]}
-    path = _sweep_file(tmp_path, "t-faults", grid, max_failures=1)
+    grid = {"env": ["Pendulum"], "testing.crash_attempts": [1, 5]}
+    path = _sweep_file(tmp_path, "t-faults", grid, base=TINY_CEM, max_failures=1)
     result = run_gradgym(["sweep", str(path)], cwd=tmp_path, timeout=600)
     assert result.returncode == 1, (result.stdout + result.stderr)[-4000:]  # one trial failed
     assert "1 finished" in result.stdout and "1 failed" in result.stdout
@@ -167,8 +178,9 @@ def test_asha_stops_a_poor_trial_early(tmp_path):
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed_reruns_only_unfinished_trials(tmp_path):
     # Short and long trials side by side: a short one finishes while a long one runs.
-    grid = {"pipeline.iters": [4, 20], "env": ["Pendulum"], "backend": ["torch"], "seed": [0, 1]}
-    path = _sweep_file(tmp_path, "t-resume", grid, overrides={"testing.iteration_delay_s": 0.2})
+    grid = {"pipeline.iters": [4, 20], "env": ["Pendulum"], "seed": [0, 1]}
+    path = _sweep_file(tmp_path, "t-resume", grid, base=TINY_CEM,
+                       overrides={"testing.iteration_delay_s": 0.2})
     trials = tmp_path / "sweeps" / "t-resume" / "trials"
     process = start_gradgym(["sweep", str(path)], cwd=tmp_path, log_path=tmp_path / "first.log")
     try:
@@ -190,6 +202,7 @@ def test_resume_after_the_driver_is_killed_reruns_only_unfinished_trials(tmp_pat
         assert child.info.status == "FINISHED"
         iters = int(child.data.params["pipeline.iters"])
         assert _steps(client, child.info.run_id) == list(range(iters))  # nothing twice
+        assert "video_best.gif" in {a.path for a in client.list_artifacts(child.info.run_id)}
     for trial in finished_before:  # finished before the kill: not run again
         assert (trials / trial / "attempts").read_text() == "1"
         assert (trials / trial / "summary.json").stat().st_mtime == finished_mtimes[trial]
@@ -206,8 +219,8 @@ def test_multi_node_sweep_survives_a_killed_worker_node(tmp_path, monkeypatch):
         workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
         iters = 12
-        grid = {"env": ["Pendulum", "CartPole"], "backend": ["torch"], "seed": [0, 1]}
-        path = _sweep_file(tmp_path, "t-cluster", grid, max_failures=2, overrides={
+        grid = {"env": ["Pendulum", "CartPole"], "seed": [0, 1]}
+        path = _sweep_file(tmp_path, "t-cluster", grid, base=TINY_CEM, max_failures=2, overrides={
             "pipeline.iters": iters, "testing.iteration_delay_s": 0.4,
         })
         trials = tmp_path / "sweeps" / "t-cluster" / "trials"

@@ -12,6 +12,7 @@ from conftest import free_port, run_gradgym, start_gradgym, stop_process_group
 from mlflow import MlflowClient
 
 from gradgym.platform.config import compose_run_config
+from gradgym.platform.runner import execute_run, settle_run
 from gradgym.platform.tracking import (
     METRICS_FILE,
     STATE_FILE,
@@ -154,6 +155,31 @@ def test_server_that_stays_away_fails_the_run_and_keeps_the_local_copy(tmp_path)
     assert steps == list(range(len(steps))) and 10 <= len(steps) < 60
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "FAILED" and "TrackingError" in summary["error"]
+
+
+def test_a_run_folder_is_delivered_later_when_the_store_is_back(tmp_path, sqlite_uri):
+    """The store stayed away past the limit: the run failed, its folder holds everything,
+    and settle_run delivers it once a store answers (and has nothing to do a second time)."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = compose_run_config([*CEM_RUN, "pipeline.iters=20", "pipeline.render=true",
+                              "testing.iteration_delay_s=0.3", f"tracking.uri={dead}",
+                              "tracking.outage_limit_s=2", f"run_dir={tmp_path / 'run'}",
+                              "progress=false"])
+    with pytest.raises(TrackingError):
+        execute_run(cfg)
+    steps = _local_steps(tmp_path / "run")
+    assert 1 <= len(steps) < 20
+
+    tracking = _tracking_cfg(sqlite_uri, "later")
+    assert settle_run(tmp_path / "run", tracking, status="FAILED", error="store away")
+    client = MlflowClient(sqlite_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("later").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "store away"
+    assert run.data.tags["env"] == "Pendulum" and run.data.params["pipeline.iters"] == "20"
+    assert _history(client, run.info.run_id) == steps
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "video_initial.gif"} <= artifacts
+    assert not settle_run(tmp_path / "run", tracking, status="FAILED")  # nothing left to do
 
 
 @pytest.mark.slow

@@ -24,10 +24,21 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from gradgym.pipelines.base import ITERATION_METRICS
+from gradgym.pipelines.base import FINAL_METRICS, ITERATION_METRICS
 from gradgym.platform.config import flat_params
 from gradgym.platform.reports import gradient_histogram
-from gradgym.platform.tracking import RunTracker, TrackingError, format_error, write_json
+from gradgym.platform.tracking import (
+    METRICS_FILE,
+    STATE_FILE,
+    RunTracker,
+    TrackingError,
+    format_error,
+    read_json,
+    read_jsonl,
+    resolve_tracking_uri,
+    tracking_client,
+    write_json,
+)
 
 OnIteration = Callable[[Mapping[str, float], int], None]
 
@@ -103,14 +114,51 @@ def execute_run(cfg: DictConfig, *, resume: bool = False, parent_run_id: str | N
     finally:
         recorder.close()
     summary = _summary(cfg, tracker, recorder, began, status="FINISHED", result=result)
-    write_json(run_dir / "summary.json", summary)
+    write_json(run_dir / "summary.json", summary)  # once: a FINISHED summary is final
     for name in ("summary.json", "metrics.jsonl"):
         tracker.log_artifact(run_dir / name)
     tracker.log_final(recorder.final, recorder.final_step)
     tracker.finish("FINISHED")
-    summary["mlflow_run_id"] = tracker.run_id
-    write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def settle_run(run_dir: Path, tracking: DictConfig, *, status: str, error: str | None = None,
+               parent_run_id: str | None = None, sweep: str | None = None,
+               run_name: str | None = None) -> bool:
+    """Deliver a run folder to MLflow that its own process could not finish delivering.
+
+    A process killed between iterations or while closing leaves the MLflow run RUNNING,
+    iterations unsent, artifacts not uploaded, or no MLflow run at all (the store was slow
+    to answer). From the folder alone this sends what is missing (nothing twice) and ends
+    the run with ``status`` (a summary status). Returns whether anything had to be done.
+    """
+    state = read_json(run_dir / STATE_FILE)
+    if not (run_dir / "config.yaml").is_file():
+        return False  # the run never started
+    lines = len(read_jsonl(run_dir / METRICS_FILE)) if (run_dir / METRICS_FILE).is_file() else 0
+    if state.get("run_id") and state.get("acked", 0) >= lines:
+        run = tracking_client(resolve_tracking_uri(tracking.uri)).get_run(state["run_id"])
+        if run.info.status != "RUNNING":
+            return False  # delivered and ended
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    tracker = RunTracker(run_dir, tracking, run_name=run_name or run_dir.name,
+                         tags=run_tags(cfg, sweep), params=flat_params(cfg),
+                         parent_run_id=parent_run_id)
+    for path in sorted(run_dir.glob("*.yaml")) + sorted(run_dir.glob("*.gif")):
+        tracker.log_artifact(path)
+    for path in sorted(run_dir.glob("gradients/*.png")):
+        tracker.log_artifact(path, "gradients")
+    summary = read_json(run_dir / "summary.json")
+    for name in ("summary.json", METRICS_FILE):
+        if (run_dir / name).is_file():
+            tracker.log_artifact(run_dir / name)
+    final = {k: summary[k] for k in FINAL_METRICS if isinstance(summary.get(k), (int, float))}
+    tracker.log_final(final, summary.get("iterations", lines))
+    stopped = status == "STOPPED"
+    tracker.finish(MLFLOW_STATUS.get(status, "KILLED"),  # UNFINISHED: KILLED until resumed
+                   error=error if status == "FAILED" else None,
+                   tags={"stopped_early": "true"} if stopped else None)
+    return True
 
 
 def _run_pipeline(cfg: DictConfig, recorder: _Recorder) -> Any:

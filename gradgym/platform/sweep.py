@@ -17,7 +17,6 @@ continues its MLflow run without logging any iteration twice.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -34,12 +33,14 @@ from gradgym.platform.config import (
     load_sweep_config,
     search_space,
 )
+from gradgym.platform.runner import settle_run
 from gradgym.platform.tracking import (
     METRICS_FILE,
     STATE_FILE,
     configure_http,
     ensure_experiment,
     is_transient,
+    read_json,
     read_jsonl,
     resolve_tracking_uri,
     tracking_client,
@@ -137,7 +138,7 @@ def resume_sweep(name: str, *, storage: str = "sweeps") -> SweepOutcome:
             f"{', '.join(known) or 'none'}"
         )
     cfg = load_sweep_config(sweep_dir / SWEEP_FILE)
-    parent = json.loads((sweep_dir / PARENT_FILE).read_text()) if (sweep_dir / PARENT_FILE).is_file() else {}
+    parent = read_json(sweep_dir / PARENT_FILE)  # {} when the sweep logs nothing to MLflow
     if parent:
         _retry_store(lambda: tracking_client(parent["uri"]).update_run(parent["run_id"], status="RUNNING"),
                      _outage_limit(cfg))
@@ -357,9 +358,8 @@ def run_trial(config: dict[str, Any], sweep: Mapping[str, Any]) -> None:
     summary = _finished_summary(run_dir)
     if summary is None:
         reporter = _TuneReporter(sweep["report_every_s"])
-        name = f"{cfg.env}-{cfg.backend}-s{cfg.seed}-{trial_id}"
         summary = execute_run(cfg, resume=True, parent_run_id=sweep["parent_run_id"],
-                              sweep=sweep["name"], run_name=name, on_iteration=reporter)
+                              sweep=sweep["name"], run_name=trial_id, on_iteration=reporter)
     # The last value of every metric (schedulers expect theirs in every result) and the summary.
     last: dict[str, Any] = {}
     for entry in _read_jsonl(run_dir / METRICS_FILE):
@@ -371,12 +371,8 @@ def run_trial(config: dict[str, Any], sweep: Mapping[str, Any]) -> None:
 
 
 def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "summary.json"
-    if path.is_file():
-        summary = json.loads(path.read_text())
-        if summary.get("status") == "FINISHED":
-            return summary
-    return None
+    summary = read_json(run_dir / "summary.json")
+    return summary if summary.get("status") == "FINISHED" else None
 
 
 class _TuneReporter:
@@ -405,9 +401,13 @@ def _finish(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any], results
     backend_comparison(curves, sweep_dir / "comparison.png", title=f"sweep {cfg.name}")
     outcome = SweepOutcome(cfg.name, sweep_dir, rows, parent.get("run_id"), parent.get("uri"))
     if parent:
+        # Deliver what trials could not before their process ended (killed, stopped while
+        # closing, out of retries): unsent iterations, artifacts, the end of their run.
         tracking = _trial_tracking(cfg, parent)
         for row in rows:
-            _settle_trial(sweep_dir / TRIALS_DIR / row["trial"], row, tracking)
+            settle_run(sweep_dir / TRIALS_DIR / row["trial"], tracking, status=row["status"],
+                       error=row.get("error"), parent_run_id=parent["run_id"], sweep=cfg.name,
+                       run_name=row["trial"])
         _close_parent(parent, sweep_dir, rows, tracking.outage_limit_s, interrupted=outcome.interrupted)
     return outcome
 
@@ -419,25 +419,6 @@ def _trial_tracking(cfg: DictConfig, parent: Mapping[str, Any]) -> DictConfig:
     return compose_run_config(_base_layer(cfg), placement).tracking
 
 
-def _settle_trial(run_dir: Path, row: Mapping[str, Any], tracking: DictConfig) -> None:
-    """Deliver what a trial could not before its process ended (killed, stopped by the
-    scheduler while closing, out of retries): its unsent iterations and the end of its run."""
-    from gradgym.platform.runner import MLFLOW_STATUS
-    from gradgym.platform.tracking import RunTracker
-
-    state = _read_json(run_dir / STATE_FILE)
-    if not state.get("run_id"):
-        return  # it never reached the store: its metrics stay in its folder
-    unsent = len(_read_jsonl(run_dir / METRICS_FILE)) > state.get("acked", 0)
-    status = row["status"]
-    mlflow_status = MLFLOW_STATUS.get(status, "KILLED")  # UNFINISHED: until resumed
-    if not unsent and tracking_client(tracking.uri).get_run(state["run_id"]).info.status != "RUNNING":
-        return
-    tracker = RunTracker(run_dir, tracking, run_name=row["trial"], tags={}, params={})
-    tracker.finish(mlflow_status, error=row.get("error") if status == "FAILED" else None,
-                   tags={"stopped_early": "true"} if status == "STOPPED" else None)
-
-
 def _collect(cfg: DictConfig, sweep_dir: Path, results: Any) -> tuple[list[dict], list[dict]]:
     """One summary row per trial and the iteration histories of the finished ones."""
     swept = [k for k in list(grid_axes(cfg)) + list(search_space(cfg)) if k not in _NOT_IN_LABEL]
@@ -445,8 +426,8 @@ def _collect(cfg: DictConfig, sweep_dir: Path, results: Any) -> tuple[list[dict]
     for result in results:
         trial = Path(result.path).name
         run_dir = sweep_dir / TRIALS_DIR / trial
-        summary = _read_json(run_dir / "summary.json")
-        state = _read_json(run_dir / STATE_FILE)
+        summary = read_json(run_dir / "summary.json")
+        state = read_json(run_dir / STATE_FILE)
         values = {key: result.config.get(key) for key in swept}
         status = summary.get("status", "UNFINISHED")  # never ran, or interrupted
         if result.error is not None:
@@ -480,13 +461,6 @@ def _close_parent(parent: Mapping[str, Any], sweep_dir: Path, rows: list[dict], 
         client.set_terminated(parent["run_id"], status="KILLED" if interrupted else "FINISHED")
 
     _retry_store(close, limit_s)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -162,6 +162,14 @@ def _write_jsonl(path: Path, entries: Iterable[Mapping[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file's object, or ``{}`` if it is missing or half written."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def write_json(path: Path, content: Mapping[str, Any]) -> None:
     """Write ``content`` as JSON atomically (a reader never sees half a file)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -193,7 +201,7 @@ class RunTracker:
         self.uri = resolve_tracking_uri(cfg.uri) if self.enabled else None
         self.metrics = MetricLog(self.run_dir / METRICS_FILE)
         self._state_path = self.run_dir / STATE_FILE
-        self._state = _load_state(self._state_path)
+        self._state = read_json(self._state_path)
         self._run_name = run_name
         self._tags = {str(k): str(v) for k, v in tags.items()}
         if parent_run_id:
@@ -414,15 +422,6 @@ class RunTracker:
             f"(limit: tracking.outage_limit_s={self.cfg.outage_limit_s:g}); last error: "
             f"{_short(self._last_error)}. {self._kept_message()}"
         )
-
-
-def _load_state(path: Path) -> dict[str, Any]:
-    if path.exists():
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            pass
-    return {}
 
 
 def _now_ms() -> int:
