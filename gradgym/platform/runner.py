@@ -88,7 +88,7 @@ def execute_run(cfg: DictConfig, *, resume: bool = False, parent_run_id: str | N
         the summary and every logged iteration are on disk.
     """
     run_dir = Path(cfg.run_dir)
-    if not resume and (run_dir / "metrics.jsonl").exists():
+    if not resume and (run_dir / METRICS_FILE).exists():
         raise RunDirExistsError(
             f"run_dir {str(run_dir)!r} already holds a run; choose another run_dir (or leave it "
             "unset for a new timestamped folder)"
@@ -113,11 +113,12 @@ def execute_run(cfg: DictConfig, *, resume: bool = False, parent_run_id: str | N
         raise
     finally:
         recorder.close()
+    tracker.log_artifact(run_dir / METRICS_FILE)
+    tracker.log_final(recorder.final, recorder.final_step)
+    tracker.drain()  # every iteration delivered; the MLflow run id is known
     summary = _summary(cfg, tracker, recorder, began, status="FINISHED", result=result)
     write_json(run_dir / "summary.json", summary)  # once: a FINISHED summary is final
-    for name in ("summary.json", "metrics.jsonl"):
-        tracker.log_artifact(run_dir / name)
-    tracker.log_final(recorder.final, recorder.final_step)
+    tracker.log_artifact(run_dir / "summary.json")
     tracker.finish("FINISHED")
     return summary
 

@@ -270,19 +270,27 @@ class RunTracker:
             if away > self.cfg.outage_limit_s:
                 raise TrackingError(self._outage_message(away)) from self._last_error
 
-    def finish(self, status: str = "FINISHED", error: str | None = None,
-               tags: Mapping[str, str] | None = None) -> None:
-        """Send everything left, end the MLflow run with ``status``, stop the sender.
-
-        ``error`` (a traceback) becomes the run's ``error`` tag; ``tags`` are set too.
-
-        Waits for an unreachable store up to ``tracking.outage_limit_s``.
+    def drain(self) -> None:
+        """Stop the background sender and deliver everything queued so far (the run then
+        exists in the store). Waits for an unreachable store up to ``tracking.outage_limit_s``.
 
         Raises:
             TrackingError: the data could not be delivered (it stays in the run folder).
         """
+        self._deliver(lambda: None)
+
+    def finish(self, status: str = "FINISHED", error: str | None = None,
+               tags: Mapping[str, str] | None = None) -> None:
+        """Deliver everything left and end the MLflow run with ``status``; like :meth:`drain`.
+
+        ``error`` (a traceback) becomes the run's ``error`` tag; ``tags`` are set too.
+        """
+        self._deliver(lambda: self._send_final(status, error, tags or {}))
+
+    def _deliver(self, last_step: Any) -> None:
         if not self.enabled:
             return
+        configure_http(self.cfg.request_timeout_s)
         self.close()
         self.raise_if_broken()
         # The store may already have been away for a while: the limit counts from then.
@@ -290,7 +298,7 @@ class RunTracker:
         while True:
             try:
                 self._flush()
-                self._send_final(status, error, tags or {})
+                last_step()
                 return
             except Exception as err:
                 if not is_transient(err):
