@@ -44,7 +44,8 @@ TINY_CEM = {
 def _sweep_file(folder: Path, name: str, grid: dict, base: dict = TINY, **extra) -> Path:
     overrides = dict(base, **extra.pop("overrides", {}))
     path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"name": name, "overrides": overrides, "grid": grid, **extra}))
+    path.write_text(yaml.safe_dump({"name": name, "overrides": overrides, "grid": grid, **extra},
+                                   sort_keys=False))
     return path
 
 
@@ -178,7 +179,7 @@ def test_asha_stops_a_poor_trial_early(tmp_path):
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed_reruns_only_unfinished_trials(tmp_path):
     # Short and long trials side by side: a short one finishes while a long one runs.
-    grid = {"pipeline.iters": [4, 20], "env": ["Pendulum"], "seed": [0, 1]}
+    grid = {"seed": [0, 1], "pipeline.iters": [4, 20], "env": ["Pendulum"]}
     path = _sweep_file(tmp_path, "t-resume", grid, base=TINY_CEM,
                        overrides={"testing.iteration_delay_s": 0.2})
     trials = tmp_path / "sweeps" / "t-resume" / "trials"
@@ -258,8 +259,11 @@ def test_sweep_file_becomes_tune_search_space_and_scheduler(tmp_path):
                                    "search.pipeline.batch.randint=[2,8]",
                                    "search.pipeline.optimizer.choice=[adam,sgd]"])
     space = _param_space(cfg)
-    assert space["env"] == tune.grid_search(["Pendulum", "CartPole"])
-    assert space["seed"] == tune.grid_search([0, 1])
+    # The grid is one axis of its points, in the file's order: the last key varies fastest.
+    assert space["grid"] == tune.grid_search([
+        {"env": "Pendulum", "seed": 0}, {"env": "Pendulum", "seed": 1},
+        {"env": "CartPole", "seed": 0}, {"env": "CartPole", "seed": 1},
+    ])
     lr, batch, optimizer = space["pipeline.lr"], space["pipeline.batch"], space["pipeline.optimizer"]
     assert isinstance(lr, Float) and (lr.lower, lr.upper) == (0.001, 0.3)
     assert isinstance(lr.get_sampler(), Float._LogUniform)

@@ -436,7 +436,8 @@ def _distribution(key: str, kind: str, args: Any) -> tuple[str, list[Any]]:
 
 
 def trial_layers(cfg: DictConfig) -> list[dict[str, Any]]:
-    """One mapping of run-config keys per grid point (before search-space draws)."""
+    """One mapping of run-config keys per grid point (before search-space draws), in the
+    order of nested loops over the grid's keys as written: the last key varies fastest."""
     axes = grid_axes(cfg)
     keys = list(axes)
     return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]

@@ -32,6 +32,7 @@ from gradgym.platform.config import (
     grid_axes,
     load_sweep_config,
     search_space,
+    trial_layers,
 )
 from gradgym.platform.runner import settle_run
 from gradgym.platform.tracking import (
@@ -308,10 +309,18 @@ def _local_only_ray() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+GRID_PARAM = "grid"  # the Tune parameter that holds a trial's grid values
+
+
 def _param_space(cfg: DictConfig) -> dict[str, Any]:
+    """Tune's search space: the grid as one axis of its points, in the sweep file's order
+    (nested loops: the last key varies fastest; Tune would sort separate axes by name), and
+    the random-search distributions."""
     from ray import tune
 
-    space: dict[str, Any] = {key: tune.grid_search(values) for key, values in grid_axes(cfg).items()}
+    space: dict[str, Any] = {}
+    if cfg.grid:
+        space[GRID_PARAM] = tune.grid_search(trial_layers(cfg))
     draw = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}
     for key, (kind, args) in search_space(cfg).items():
         space[key] = tune.choice(args) if kind == "choice" else draw[kind](*args)
@@ -353,7 +362,8 @@ def run_trial(config: dict[str, Any], sweep: Mapping[str, Any]) -> None:
     placement = {"run_dir": str(run_dir), "progress": False}
     if sweep["tracking_uri"]:
         placement.update({"tracking.uri": sweep["tracking_uri"], "tracking.experiment": sweep["experiment"]})
-    cfg = compose_run_config(sweep["base"], config, placement)
+    drawn = {key: value for key, value in config.items() if key != GRID_PARAM}
+    cfg = compose_run_config(sweep["base"], config.get(GRID_PARAM, {}), drawn, placement)
 
     summary = _finished_summary(run_dir)
     if summary is None:
@@ -428,7 +438,8 @@ def _collect(cfg: DictConfig, sweep_dir: Path, results: Any) -> tuple[list[dict]
         run_dir = sweep_dir / TRIALS_DIR / trial
         summary = read_json(run_dir / "summary.json")
         state = read_json(run_dir / STATE_FILE)
-        values = {key: result.config.get(key) for key in swept}
+        trial_values = {**result.config.get(GRID_PARAM, {}), **result.config}
+        values = {key: trial_values.get(key) for key in swept}
         status = summary.get("status", "UNFINISHED")  # never ran, or interrupted
         if result.error is not None:
             status = "FAILED"

@@ -229,6 +229,10 @@ class RunTracker:
         """Start sending in the background (first send: now)."""
         if self.enabled:
             configure_http(self.cfg.request_timeout_s)
+            # Import MLflow and open the client here, not in the sender: seconds of Python
+            # work that would otherwise hold the GIL against the first iterations. (Opening
+            # a client does not contact a tracking server.)
+            tracking_client(self.uri)
             self._thread = threading.Thread(target=self._send_loop, name="gradgym-tracking", daemon=True)
             self._thread.start()
         return self
