@@ -71,7 +71,9 @@ def backend_comparison(trials: Sequence[Mapping[str, Any]], path: Path, title: s
             if returns is not None:
                 mean, std = np.nanmean(returns, axis=0), np.nanstd(returns, axis=0)
                 steps = np.arange(mean.size)
-                ax_return.plot(steps, mean, color=color, label=f"{label} (n={len(members)})")
+                # Dashes keep lines visible where backends agree exactly (same start states).
+                ax_return.plot(steps, mean, color=color, linestyle=_DASHES[index % len(_DASHES)],
+                               linewidth=2, label=f"{label} (n={len(members)})")
                 ax_return.fill_between(steps, mean - std, mean + std, color=color, alpha=0.25)
             per_trial = [np.mean([h["iter_time_s"] for h in m["history"]]) * 1e3
                          for m in members if m["history"]]
@@ -93,6 +95,9 @@ def backend_comparison(trials: Sequence[Mapping[str, Any]], path: Path, title: s
         fig.suptitle(title)
     fig.savefig(path, dpi=90)
     return path
+
+
+_DASHES = ("-", "--", ":", "-.")
 
 
 def _group(trials: Any) -> dict[str, list[Mapping[str, Any]]]:

@@ -255,6 +255,7 @@ def _run(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any], restore: b
                     scheduler=_scheduler(cfg),
                     max_concurrent_trials=cfg.max_concurrent or None,
                     reuse_actors=True,
+                    trial_name_creator=_trial_name,
                     trial_dirname_creator=_trial_dirname,
                 ),
                 run_config=tune.RunConfig(
@@ -278,6 +279,13 @@ def _run(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any], restore: b
 
 def _trial_dirname(trial: Any) -> str:
     return trial.trial_id
+
+
+def _trial_name(trial: Any) -> str:
+    """The progress table's name of a trial: its grid values and number, e.g. ``Pendulum-jax-0_00003``."""
+    values = "-".join(str(v) for v in trial.config.get(GRID_PARAM, {}).values())
+    number = trial.trial_id.rsplit("_", 1)[-1]
+    return f"{values}_{number}" if values else trial.trial_id
 
 
 def _init_ray(cfg: DictConfig) -> bool:
