@@ -6,21 +6,13 @@ import math
 
 import numpy as np
 import pytest
+from env_cases import CASE_IDS
+from env_cases import CLASSIC_CASES as ENV_CASES
+
 
 import gradgym
 from gradgym.envs import to_numpy
 
-ENV_CASES = [
-    ("CartPole", {}),
-    ("Pendulum", {}),
-    ("MountainCar", {}),
-    ("Reacher", {}),
-    ("Reacher", {"num_joints": 3}),
-    ("Swimmer", {}),
-    ("Swimmer", {"num_urchins": 8}),
-    ("Swimmer", {"num_urchins": 0}),
-]
-CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in kw.items()) for name, kw in ENV_CASES]
 GRAD_BACKENDS = ["jax", "torch"]
 
 

@@ -10,24 +10,13 @@ from dataclasses import dataclass
 import gymnasium
 import numpy as np
 import pytest
+from env_cases import CASE_IDS, CLASSIC_CASES
 from gymnasium.utils.env_checker import check_env
 
 import gradgym
 from gradgym.envs import GymEnv, gym_id, register_gymnasium_envs
 from gradgym.envs import core as envs_core
 from gradgym.envs.classic import Pendulum
-
-CLASSIC_CASES = [
-    ("CartPole", {}),
-    ("Pendulum", {}),
-    ("MountainCar", {}),
-    ("Reacher", {}),
-    ("Reacher", {"num_joints": 3}),
-    ("Swimmer", {}),
-    ("Swimmer", {"num_urchins": 0}),
-    ("Swimmer", {"num_urchins": 8}),
-]
-CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in kw.items()) for name, kw in CLASSIC_CASES]
 
 
 @pytest.mark.parametrize(("name", "kwargs"), CLASSIC_CASES, ids=CASE_IDS)

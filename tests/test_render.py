@@ -14,17 +14,9 @@ from gradgym.envs.rendering import BACKGROUND, FRAME_SIZE, reward_color
 
 torch.set_num_threads(1)
 
-ENV_CASES = [
-    ("CartPole", {}),
-    ("Pendulum", {}),
-    ("MountainCar", {}),
-    ("Reacher", {}),
-    ("Reacher", {"num_joints": 3}),
-    ("Swimmer", {}),
-    ("Swimmer", {"num_urchins": 0}),
-    ("Swimmer", {"num_urchins": 8}),
-]
-CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in kw.items()) for name, kw in ENV_CASES]
+from env_cases import CASE_IDS
+from env_cases import CLASSIC_CASES as ENV_CASES
+
 BACKGROUND_RGB = np.round(np.array(matplotlib.colors.to_rgb(BACKGROUND)) * 255).astype(np.uint8)
 
 
