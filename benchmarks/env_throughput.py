@@ -19,11 +19,12 @@ of ``--repeats`` timed runs after one warm-up run (which also absorbs jax compil
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -101,51 +102,29 @@ def horizon_for(batch: int, target: int = TARGET_ENV_STEPS) -> int:
 # -------------------------------------------------------------------------- gradgym and refs
 
 
-def numpy_rates(name: str, batch: int, repeats: int) -> tuple[float, float]:
-    env = gradgym.make(name, backend="numpy")
+def eager_rates(name: str, backend: str, batch: int, repeats: int) -> tuple[float, float]:
+    """gradgym and its hand-written reference stepped eagerly on numpy or torch."""
+    env = gradgym.make(name, backend=backend)
+    lib = env.xp
     steps = horizon_for(batch, TARGET_ENV_STEPS // 4)
     start = env.reset(0, batch=batch)
-    action = np.full((batch, 1), 0.5, np.float32)
+    action = env.backend.asarray(np.full((batch, 1), 0.5))
+    # torch would otherwise record an autograd graph nobody asked for.
+    no_grad = lib.no_grad if backend == "torch" else contextlib.nullcontext
 
     def run_gradgym():
         state = start
-        for _ in range(steps):
-            state, _, _, _ = env.step(state, action)
-        return state
-
-    ref_step, _ = REFERENCES[name](np)
-    leaves = tuple(start)
-
-    def run_ref():
-        state = leaves
-        for _ in range(steps):
-            state, _, _ = ref_step(*state, action)
-        return state
-
-    return best_rate(run_gradgym, steps * batch, repeats), best_rate(run_ref, steps * batch, repeats)
-
-
-def torch_rates(name: str, batch: int, repeats: int) -> tuple[float, float]:
-    import torch
-
-    env = gradgym.make(name, backend="torch")
-    steps = horizon_for(batch, TARGET_ENV_STEPS // 4)
-    start = env.reset(0, batch=batch)
-    action = torch.full((batch, 1), 0.5)
-
-    def run_gradgym():
-        state = start
-        with torch.no_grad():
+        with no_grad():
             for _ in range(steps):
                 state, _, _, _ = env.step(state, action)
         return state
 
-    ref_step, _ = REFERENCES[name](torch)
+    ref_step, _ = REFERENCES[name](lib)
     leaves = tuple(start)
 
     def run_ref():
         state = leaves
-        with torch.no_grad():
+        with no_grad():
             for _ in range(steps):
                 state, _, _ = ref_step(*state, action)
         return state
@@ -291,8 +270,8 @@ def main() -> None:
     for name in args.envs:
         single = gymnasium_single_rate(name, args.repeats)
         for batch in args.batches:
-            np_g, np_r = numpy_rates(name, batch, args.repeats)
-            th_g, th_r = torch_rates(name, batch, args.repeats)
+            np_g, np_r = eager_rates(name, "numpy", batch, args.repeats)
+            th_g, th_r = eager_rates(name, "torch", batch, args.repeats)
             jx_g, jx_r = jax_rates(name, batch, args.repeats)
             gx_step, gx_env = gymnax_rates(name, batch, args.repeats)
             vec = gymnasium_vector_rate(name, batch, args.repeats)
