@@ -165,6 +165,38 @@ def test_threads_give_the_same_steps(name):
         np.testing.assert_array_equal(obs_one, obs_two)
 
 
+@pytest.mark.parametrize("name", ["Hopper-v5", "InvertedDoublePendulum-v5"])  # no readouts; readouts
+def test_vec_env_restarts_fallen_robots_at_fresh_reset_states(name):
+    from gradgym.envs import VecEnv
+
+    env = gradgym.make(name, dtype="float64")
+    envs = VecEnv(env, num_envs=6)
+    envs.reset(seed=0)
+    qpos0, scale = env.task.physics.model.qpos0, env.task.reset_noise_scale
+    rng = np.random.default_rng(0)
+    restarts = 0
+    for _ in range(100):  # full-force random actions topple both within a few dozen steps
+        before = envs.state.env_state
+        action = rng.choice([-1.0, 1.0], (6, env.spec.act_dim))
+        stepped, stepped_obs, _, _ = env.step(before, action)
+        obs, _, terminated, truncated, info = envs.step(action)
+        done = np.asarray(terminated) | np.asarray(truncated)
+        np.testing.assert_array_equal(info["final_obs"], stepped_obs)
+        np.testing.assert_array_equal(obs[~done], stepped_obs[~done])
+        if done.any():
+            restarts += int(done.sum())
+            fresh = envs.state.env_state
+            assert np.abs(np.asarray(fresh.qpos)[done] - qpos0).max() <= scale
+            assert not np.any(np.asarray(fresh.ctrl)[done])
+            # the readouts of a restarted entry are those of its new state
+            np.testing.assert_array_equal(
+                np.asarray(fresh.readouts)[done],
+                env.task.physics.forward(np.asarray(fresh.qpos)[done], np.asarray(fresh.qvel)[done]),
+            )
+            np.testing.assert_array_equal(np.asarray(envs.state.steps)[done], 0)
+    assert restarts >= 6
+
+
 def test_tasks_pickle_without_their_engine():
     import pickle
 

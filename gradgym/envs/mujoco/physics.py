@@ -197,6 +197,8 @@ class Physics:
         qpos = np.reshape(np.asarray(qpos, dtype=np.float64), (-1, self.nq))
         qvel = np.reshape(np.asarray(qvel, dtype=np.float64), (-1, self.nv))
         out = np.zeros((qpos.shape[0], self.readout_size))
+        if not self.readouts:  # nothing to compute (VecEnv restarts call this every step)
+            return np.reshape(out, lead + (0,))
         with self._lock:
             m, d = self.model, self._data
             for i in range(qpos.shape[0]):
