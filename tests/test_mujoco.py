@@ -178,7 +178,7 @@ def test_vec_env_restarts_fallen_robots_at_fresh_reset_states(name):
     for _ in range(100):  # full-force random actions topple both within a few dozen steps
         before = envs.state.env_state
         action = rng.choice([-1.0, 1.0], (6, env.spec.act_dim))
-        stepped, stepped_obs, _, _ = env.step(before, action)
+        _, stepped_obs, _, _ = env.step(before, action)
         obs, _, terminated, truncated, info = envs.step(action)
         done = np.asarray(terminated) | np.asarray(truncated)
         np.testing.assert_array_equal(info["final_obs"], stepped_obs)
