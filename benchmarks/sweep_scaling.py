@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,14 +58,26 @@ def run_sweep(folder: Path, iters: int, cpus: int) -> tuple[list[dict], float, f
     return outcome.rows, outcome.fit_wall_s, end_to_end
 
 
-def paired_ratio(rows: list[dict], key: str, backend: str | None = None) -> float:
-    """Mean over (env, backend) pairs of value(logging on) / value(logging off)."""
+def pairs(rows: list[dict], key: str = "trial_time_s") -> dict[tuple[str, str], dict[bool, float]]:
+    """``{(env, backend): {logging on?: value of key}}``."""
     by_pair: dict[tuple[str, str], dict[bool, float]] = {}
     for row in rows:
-        if backend is None or row["backend"] == backend:
-            on = str(row["tracking.enabled"]).lower() == "true"
-            by_pair.setdefault((row["env"], row["backend"]), {})[on] = row[key]
-    return statistics.mean(pair[True] / pair[False] for pair in by_pair.values())
+        on = str(row["tracking.enabled"]).lower() == "true"
+        by_pair.setdefault((row["env"], row["backend"]), {})[on] = row[key]
+    return by_pair
+
+
+def paired_ratio(rows: list[dict], key: str, backend: str | None = None) -> float:
+    """Mean over (env, backend) pairs of value(logging on) / value(logging off)."""
+    return statistics.mean(pair[True] / pair[False] for (_, b), pair in pairs(rows, key).items()
+                           if backend is None or b == backend)
+
+
+def mlflow_import_s() -> float:
+    """Seconds to import MLflow's client, in a fresh interpreter."""
+    code = "import time; t = time.perf_counter(); import mlflow; print(time.perf_counter() - t)"
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                check=True).stdout.split()[-1])
 
 
 def main() -> None:
@@ -73,8 +87,13 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        import_s = mlflow_import_s()
+        previous = os.getcwd()
         os.chdir(folder)  # the embedded MLflow store goes here
-        rows, fit_wall, end_to_end = run_sweep(folder, args.iters, args.cpus)
+        try:
+            rows, fit_wall, end_to_end = run_sweep(folder, args.iters, args.cpus)
+        finally:
+            os.chdir(previous)
 
     trial_times = [row["trial_time_s"] for row in rows]
     print(f"\n16-trial sweep: trajectory optimization (T=100, B=32, {args.iters} iterations), "
@@ -89,6 +108,12 @@ def main() -> None:
           f"end to end (with Ray's start): {end_to_end:.1f} s")
     print(f"parallel efficiency: {sum(trial_times) / (args.cpus * fit_wall):.2f} of Tune's fit "
           f"(target >= 0.7), {sum(trial_times) / (args.cpus * end_to_end):.2f} end to end")
+    print(f"\n{'trial time [s] per pair':32}{'logging off':>12}{'MLflow on':>12}{'overhead':>10}")
+    for (env, backend), pair in sorted(pairs(rows).items()):
+        print(f"{'  ' + env + ' ' + backend:32}{pair[False]:12.2f}{pair[True]:12.2f}"
+              f"{(pair[True] / pair[False] - 1) * 100:+9.1f}%")
+    print(f"(the first MLflow trial of each of the {args.cpus} Ray workers also imports MLflow: "
+          f"{import_s:.1f} s in a fresh interpreter here, once per worker process)\n")
     for label, backend in (("all", None), ("jax", "jax"), ("torch", "torch")):
         trial = paired_ratio(rows, "trial_time_s", backend) - 1
         iteration = paired_ratio(rows, "mean_iter_time_s", backend) - 1

@@ -75,6 +75,26 @@ def test_iterations_go_to_disk_and_mlflow_in_batches(tmp_path, sqlite_uri):
     assert [json.loads(line)["iteration"] for line in lines] == list(range(50))
 
 
+def test_params_iterations_and_final_metrics_share_requests_within_mlflow_limits(tmp_path, sqlite_uri):
+    # 250 params (MLflow takes 100 per request) and 300 iterations x 4 values (1000 entries
+    # per request): every value arrives once, in a few requests.
+    params = {f"p{i:03d}": str(i) for i in range(250)}
+    tracker = RunTracker(tmp_path / "run", _tracking_cfg(sqlite_uri, "limits"), run_name="limits",
+                         tags={"env": "Pendulum"}, params=params)
+    for step in range(300):
+        tracker.log_iteration({**_metrics(step), "a": 1.0, "b": 2.0}, step)
+    tracker.log_final({"best_return": 299.0, "final_return": 299.0}, 300)
+    tracker.start().finish()
+
+    client = MlflowClient(sqlite_uri)
+    run = client.get_run(tracker.run_id)
+    assert run.data.params == params
+    for key in ("return_mean", "loss", "a", "b"):
+        assert _history(client, tracker.run_id, key) == list(range(300))
+    assert run.data.metrics["best_return"] == 299.0 and run.data.metrics["final_return"] == 299.0
+    assert 2 <= tracker.batches_sent <= 3  # 1200 values over 1000-entry requests
+
+
 def test_retried_attempt_continues_the_run_without_duplicates(tmp_path, sqlite_uri):
     cfg = _tracking_cfg(sqlite_uri, "retried")
     first = _tracker(tmp_path / "run", cfg)

@@ -37,9 +37,9 @@ METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "tracking.json"
 DEFAULT_STORE_FILE = "mlflow.db"
 RUN_UID_TAG = "gradgym.run_uid"  # finds a run whose creation reply was lost
-# MLflow's limits per log_batch request.
-MAX_METRICS_PER_BATCH = 1000
+# MLflow's limits per log_batch request: 100 params, 1000 entries in all.
 MAX_PARAMS_PER_BATCH = 100
+MAX_ENTRIES_PER_BATCH = 1000
 
 
 class TrackingError(RuntimeError):
@@ -212,8 +212,10 @@ class RunTracker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._run_started = False  # this attempt has (re)marked the run RUNNING
+        self._created_here = False  # this tracker created the MLflow run (it is RUNNING)
         self._pending_artifacts: list[tuple[Path, str | None]] = []
         self._pending_final: list[Any] = []
+        self._unsent_params: list[Any] = []
         self._failing_since: float | None = None
         self._last_error: BaseException | None = None
         self._fatal: BaseException | None = None
@@ -229,10 +231,8 @@ class RunTracker:
         """Start sending in the background (first send: now)."""
         if self.enabled:
             configure_http(self.cfg.request_timeout_s)
-            # Import MLflow and open the client here, not in the sender: seconds of Python
-            # work that would otherwise hold the GIL against the first iterations. (Opening
-            # a client does not contact a tracking server.)
-            tracking_client(self.uri)
+            # The sender imports MLflow (seconds, once per process) while the run builds its
+            # env and compiles, much of which runs outside the GIL.
             self._thread = threading.Thread(target=self._send_loop, name="gradgym-tracking", daemon=True)
             self._thread.start()
         return self
@@ -249,11 +249,13 @@ class RunTracker:
         return added
 
     def log_final(self, metrics: Mapping[str, float], step: int) -> None:
-        """Metrics of the finished run (sent with :meth:`finish`)."""
+        """Metrics of the finished run (sent with the last iterations)."""
         from mlflow.entities import Metric
 
         stamp = _now_ms()
-        self._pending_final = [Metric(k, float(v), stamp, int(step)) for k, v in metrics.items()]
+        final = [Metric(k, float(v), stamp, int(step)) for k, v in metrics.items()]
+        with self._lock:  # sent with the last iterations
+            self._pending_final = final
 
     def log_artifact(self, path: Path, artifact_dir: str | None = None) -> None:
         """Queue a file of the run folder for upload (retried like metrics)."""
@@ -353,55 +355,74 @@ class RunTracker:
         self._failing_since = None
 
     def _ensure_run(self, client: Any) -> None:
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
 
         if self.run_id is None:
-            self._create_run(client)
+            self._create_run(client)  # with the run's tags
         if not self._run_started:
-            # A retried attempt reopens the run the previous attempt may have marked FAILED.
-            client.update_run(self.run_id, status="RUNNING")
-            params = [Param(k, v[:6000]) for k, v in self._params.items()]
-            tags = [RunTag(k, v) for k, v in self._tags.items()]
-            for i in range(0, max(len(params), 1), MAX_PARAMS_PER_BATCH):
-                client.log_batch(self.run_id, params=params[i:i + MAX_PARAMS_PER_BATCH],
-                                 tags=tags if i == 0 else [])
+            if not self._created_here:
+                # A retried attempt reopens the run the previous attempt may have marked FAILED.
+                client.update_run(self.run_id, status="RUNNING")
+            # (again on a retried attempt: MLflow accepts a param logged twice with one value)
+            self._unsent_params = [Param(k, v[:6000]) for k, v in self._params.items()]
             self._run_started = True
 
     def _create_run(self, client: Any) -> None:
-        uid = self._state.setdefault("run_uid", uuid.uuid4().hex)
+        uid = self._state.get("run_uid")
         experiment_id = ensure_experiment(client, self.cfg.experiment)
-        # A previous create may have succeeded with its reply lost: look for it first.
-        found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_UID_TAG}` = '{uid}'")
+        # A create tried before (by an earlier attempt, or here with its reply lost) may have
+        # succeeded: look for its run first. A fresh uid has no run yet: no query.
+        found = (
+            client.search_runs([experiment_id], filter_string=f"tags.`{RUN_UID_TAG}` = '{uid}'")
+            if uid else []
+        )
         if found:
             run_id = found[0].info.run_id
         else:
+            if not uid:
+                uid = self._state["run_uid"] = uuid.uuid4().hex
+                write_json(self._state_path, self._state)  # before the create: see above
             tags = dict(self._tags, **{RUN_UID_TAG: uid})
             run_id = client.create_run(experiment_id, tags=tags, run_name=self._run_name).info.run_id
+            self._created_here = True
         self._state.update(run_id=run_id, experiment_id=experiment_id, acked=0)
         write_json(self._state_path, self._state)
 
     def _send_metrics(self, client: Any) -> None:
+        """Send unsent params, iterations and final metrics, as few requests as MLflow allows
+        (each costs about the same, whatever its size)."""
         from mlflow.entities import Metric
 
         while True:
             with self._lock:
                 acked = self._state.get("acked", 0)
                 pending = self.metrics.entries[acked:]
-            if not pending:
-                return
+                final = list(self._pending_final)
+            params = self._unsent_params[:MAX_PARAMS_PER_BATCH]
+            room = MAX_ENTRIES_PER_BATCH - len(params)
             batch: list[Metric] = []
             lines = 0
             for entry in pending:
                 points = [Metric(k, v, entry["timestamp_ms"], entry["iteration"])
                           for k, v in entry.items() if k not in ("iteration", "timestamp_ms")]
-                if batch and len(batch) + len(points) > MAX_METRICS_PER_BATCH:
+                if batch and len(batch) + len(points) > room:
                     break
                 batch.extend(points)
                 lines += 1
-            client.log_batch(self.run_id, metrics=batch)
-            self.batches_sent += 1
-            self._state["acked"] = acked + lines
-            write_json(self._state_path, self._state)
+            with_final = bool(final) and lines == len(pending) and len(batch) + len(final) <= room
+            if with_final:
+                batch.extend(final)
+            if not batch and not params:
+                return
+            client.log_batch(self.run_id, metrics=batch, params=params)
+            self._unsent_params = self._unsent_params[len(params):]
+            if with_final:
+                with self._lock:
+                    self._pending_final = self._pending_final[len(final):]
+            if lines:
+                self.batches_sent += 1
+                self._state["acked"] = acked + lines
+                write_json(self._state_path, self._state)
 
     def _send_artifacts(self, client: Any) -> None:
         while True:
@@ -418,9 +439,8 @@ class RunTracker:
 
         client = tracking_client(self.uri)
         tags = dict(tags, **({"error": error[-5000:]} if error else {}))
-        client.log_batch(self.run_id, metrics=self._pending_final,
-                         tags=[RunTag(k, str(v)) for k, v in tags.items()])
-        self._pending_final = []
+        if tags:
+            client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         client.set_terminated(self.run_id, status=status)
 
     # ------------------------------------------------------------------ messages
