@@ -15,7 +15,7 @@ import imageio.v3 as iio
 import psutil
 import pytest
 import yaml
-from conftest import run_gradgym, start_gradgym, stop_process_group
+from conftest import free_port, run_gradgym, start_gradgym, stop_process_group
 from mlflow import MlflowClient
 
 ITERS = 6
@@ -126,6 +126,17 @@ def test_sweep_on_the_embedded_default_store(tmp_path):
     assert "8 finished" in result.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     _check_sweep(client, "t-embedded", tmp_path / "sweeps" / "t-embedded", tmp_path)
+
+
+def test_unreachable_store_at_the_start_fails_the_sweep_before_any_trial(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    path = _sweep_file(tmp_path, "t-away", {"env": ["Pendulum"]}, base=TINY_CEM,
+                       overrides={"tracking.outage_limit_s": 2, "tracking.request_timeout_s": 1})
+    result = run_gradgym(["sweep", str(path)], cwd=tmp_path, timeout=300, MLFLOW_TRACKING_URI=uri)
+    assert result.returncode != 0
+    assert f"cannot reach the MLflow tracking store {uri}" in result.stderr, result.stderr[-3000:]
+    assert not list((tmp_path / "sweeps" / "t-away").glob("trials/*")), "no trial may start"
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.slow

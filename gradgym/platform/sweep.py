@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,8 +124,12 @@ def start_sweep(path: str | Path, overrides: Sequence[str] = (), *, storage: str
     cfg = _with_name(cfg, sweep_dir.name)
     sweep_dir.mkdir(parents=True)
     (sweep_dir / SWEEP_FILE).write_text(OmegaConf.to_yaml(cfg))
-    parent = _create_parent_run(cfg, sweep_dir)
-    return _run(cfg, sweep_dir, parent, restore=False)
+    from ray import tune  # noqa: F401 - imported here, not beside MLflow's import in the thread
+
+    with ThreadPoolExecutor(1, thread_name_prefix="gradgym-parent-run") as pool:
+        # Importing MLflow and opening the store take seconds: they overlap Ray's start.
+        parent = pool.submit(_create_parent_run, cfg, sweep_dir)
+        return _run(cfg, sweep_dir, parent, restore=False)
 
 
 def resume_sweep(name: str, *, storage: str = "sweeps") -> SweepOutcome:
@@ -224,11 +229,15 @@ def _retry_store(action: Any, limit_s: float) -> Any:
 
 # ---------------------------------------------------------------------- Ray Tune
 
-def _run(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any], restore: bool) -> SweepOutcome:
+def _run(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any] | Future, restore: bool) -> SweepOutcome:
+    """Run the sweep's trials on Ray Tune; ``parent`` is the MLflow parent run, or the
+    future of its creation (which fails the sweep, before any trial, if the store is away)."""
     from ray import tune
 
     started_ray = _init_ray(cfg)
     try:
+        if isinstance(parent, Future):
+            parent = parent.result()
         constants = {
             "name": cfg.name,
             "sweep_dir": str(sweep_dir),
