@@ -260,9 +260,8 @@ class RunTracker:
     def log_artifact(self, path: Path, artifact_dir: str | None = None) -> None:
         """Queue a file of the run folder for upload (retried like metrics)."""
         if self.enabled:
-            with self._lock:
+            with self._lock:  # sent with the next metrics, not now: uploads hold the GIL
                 self._pending_artifacts.append((Path(path), artifact_dir))
-            self._wake.set()
 
     def raise_if_broken(self) -> None:
         """Raise :class:`TrackingError` if the store refused data or has been away too long."""
