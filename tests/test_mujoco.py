@@ -157,6 +157,7 @@ def test_threads_give_the_same_steps(name):
     one = gradgym.make(name, dtype="float64")
     two = gradgym.make(name, dtype="float64", num_threads=2)
     state = one.reset(4, batch=7)
+    np.testing.assert_array_equal(two.reset(4, batch=7).readouts, state.readouts)  # mj_forward
     actions = np.random.default_rng(4).uniform(-1, 1, (5, 7, one.spec.act_dim))
     state_one = state_two = state
     for action in actions:

@@ -200,14 +200,18 @@ class Physics:
         if not self.readouts:  # nothing to compute (VecEnv restarts call this every step)
             return np.reshape(out, lead + (0,))
         with self._lock:
-            m, d = self.model, self._data
-            for i in range(qpos.shape[0]):
-                mujoco.mj_resetData(m, d)
-                d.qpos[:] = qpos[i]
-                d.qvel[:] = qvel[i]
-                mujoco.mj_forward(m, d)
-                self._copy_readouts(d, out[i])
+            self._map_rows(self._forward_rows, qpos, qvel, out)
         return np.reshape(out, lead + (self.readout_size,))
+
+    def _forward_rows(self, d: mujoco.MjData, qpos: np.ndarray, qvel: np.ndarray,
+                      out: np.ndarray) -> None:
+        m = self.model
+        for i in range(qpos.shape[0]):
+            mujoco.mj_resetData(m, d)
+            d.qpos[:] = qpos[i]
+            d.qvel[:] = qvel[i]
+            mujoco.mj_forward(m, d)
+            self._copy_readouts(d, out[i])
 
     def _step_flat(self, qpos, qvel, ctrl, warmstart):
         if self.post_constraint:
@@ -249,15 +253,7 @@ class Physics:
         rows = np.empty((n, self._state_size))
         self._pack(rows, qpos, qvel, warmstart, ctrl)
         readouts = np.empty((n, self.readout_size))
-        threads = max(1, min(self.num_threads or os.cpu_count() or 1, n))
-        if threads == 1:
-            self._step_rows(self._data, rows, readouts)
-        else:  # mj_step releases the GIL: slices of the batch step in parallel
-            bounds = np.linspace(0, n, threads + 1).astype(int)
-            slices = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
-            pool, datas = self._thread_pool(threads)
-            list(pool.map(lambda d, part: self._step_rows(d, rows[part], readouts[part]),
-                          datas, slices))
+        self._map_rows(self._step_rows, rows, readouts)
         out_qpos, out_qvel, out_warm, _ = self._unpack(rows)
         return out_qpos, out_qvel, readouts, out_warm
 
@@ -270,6 +266,19 @@ class Physics:
             mujoco.mj_rnePostConstraint(m, d)
             mujoco.mj_getState(m, d, rows[i], _STATE_SPEC)
             self._copy_readouts(d, readouts[i])
+
+    def _map_rows(self, work, *arrays: np.ndarray) -> None:
+        """``work(data, *row_slices)`` over the rows of ``arrays``, on the engine's threads
+        (MuJoCo's calls release the GIL, so slices of the batch run in parallel)."""
+        n = arrays[0].shape[0]
+        threads = max(1, min(self.num_threads or os.cpu_count() or 1, n))
+        if threads == 1:
+            work(self._data, *arrays)
+            return
+        bounds = np.linspace(0, n, threads + 1).astype(int)
+        parts = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
+        pool, datas = self._thread_pool(threads)
+        list(pool.map(lambda d, part: work(d, *(a[part] for a in arrays)), datas, parts))
 
     def _thread_pool(self, threads: int) -> tuple[ThreadPoolExecutor, list[mujoco.MjData]]:
         if self._pool is None or self._pool_size != threads:
