@@ -10,7 +10,8 @@ comparing two separate sweeps mostly measures that drift). Prints
   (target >= 0.7); the end-to-end figure, with Ray's start, is shown beside it;
 - MLflow logging overhead per trial = mean over pairs of time(on) / time(off) - 1
   (target <= 10%), its median, and the same mean for the time per iteration; the time of
-  each pair, and what importing MLflow costs.
+  each pair, and what importing MLflow costs;
+- the mean of these over ``--repeats`` sweeps (the machine's load drifts between them).
 
 Importing MLflow takes seconds and happens once per Ray worker process (trials reuse their
 worker), in the first logged trial a worker runs: in this short sweep, 2 of the 8 logged
@@ -20,8 +21,8 @@ A trial's time is Ray Tune's ``time_total_s``: everything the trial does (config
 compile, iterations, videos and, with logging on, the MLflow run, its uploads and the final
 flush to the embedded sqlite store).
 
-    python benchmarks/sweep_scaling.py                 # 40 iterations per trial
-    python benchmarks/sweep_scaling.py --iters 100 --cpus 2
+    python benchmarks/sweep_scaling.py                 # 2 sweeps of 40 iterations per trial
+    python benchmarks/sweep_scaling.py --iters 100 --cpus 2 --repeats 3
 """
 
 from __future__ import annotations
@@ -87,47 +88,60 @@ def mlflow_import_s() -> float:
                                 check=True).stdout.split()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iters", type=int, default=40, help="iterations per trial")
-    parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        import_s = mlflow_import_s()
-        previous = os.getcwd()
-        os.chdir(folder)  # the embedded MLflow store goes here
-        try:
-            rows, fit_wall, end_to_end = run_sweep(folder, args.iters, args.cpus)
-        finally:
-            os.chdir(previous)
-
+def report(rows: list[dict], fit_wall: float, end_to_end: float, cpus: int) -> tuple[float, float]:
+    """Print one sweep's figures; returns (parallel efficiency of Tune's fit, MLflow overhead)."""
     trial_times = [row["trial_time_s"] for row in rows]
-    print(f"\n16-trial sweep: trajectory optimization (T=100, B=32, {args.iters} iterations), "
-          f"4 envs x jax, torch x MLflow on/off, {args.cpus} CPUs, 1 CPU per trial\n")
     print(f"{'mean trial time [s]':32}{'logging off':>12}{'MLflow on':>12}")
     for backend in BACKENDS:
         times = {on: statistics.mean(r["trial_time_s"] for r in rows if r["backend"] == backend
                                      and (str(r["tracking.enabled"]).lower() == "true") == on)
                  for on in (False, True)}
         print(f"{'  ' + backend:32}{times[False]:12.2f}{times[True]:12.2f}")
+    efficiency = sum(trial_times) / (cpus * fit_wall)
     print(f"\nsum of trial times: {sum(trial_times):.1f} s; Tune fit wall time: {fit_wall:.1f} s; "
           f"end to end (with Ray's start): {end_to_end:.1f} s")
-    print(f"parallel efficiency: {sum(trial_times) / (args.cpus * fit_wall):.2f} of Tune's fit "
-          f"(target >= 0.7), {sum(trial_times) / (args.cpus * end_to_end):.2f} end to end")
+    print(f"parallel efficiency: {efficiency:.2f} of Tune's fit (target >= 0.7), "
+          f"{sum(trial_times) / (cpus * end_to_end):.2f} end to end")
     print(f"\n{'trial time [s] per pair':32}{'logging off':>12}{'MLflow on':>12}{'overhead':>10}")
     for (env, backend), pair in sorted(pairs(rows).items()):
         print(f"{'  ' + env + ' ' + backend:32}{pair[False]:12.2f}{pair[True]:12.2f}"
               f"{(pair[True] / pair[False] - 1) * 100:+9.1f}%")
-    print(f"(the first MLflow trial of each of the {args.cpus} Ray workers also imports MLflow: "
-          f"{import_s:.1f} s in a fresh interpreter here, once per worker process)\n")
+    print()
     for label, backend in (("all", None), ("jax", "jax"), ("torch", "torch")):
         trial = paired_ratio(rows, "trial_time_s", backend) - 1
         median = paired_ratio(rows, "trial_time_s", backend, statistics.median) - 1
         iteration = paired_ratio(rows, "mean_iter_time_s", backend) - 1
         print(f"MLflow logging overhead ({label:5}): {trial * 100:+6.1f}% per trial "
               f"(target <= 10%; median {median * 100:+.1f}%), {iteration * 100:+6.1f}% per iteration")
+    return efficiency, paired_ratio(rows, "trial_time_s") - 1
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=40, help="iterations per trial")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray")
+    parser.add_argument("--repeats", type=int, default=2, help="sweeps to run (each on a fresh Ray)")
+    args = parser.parse_args()
+    import_s = mlflow_import_s()
+    print(f"16-trial sweep: trajectory optimization (T=100, B=32, {args.iters} iterations), 4 envs "
+          f"x jax, torch x MLflow on/off, {args.cpus} CPUs, 1 CPU per trial; the first MLflow "
+          f"trial of each Ray worker also imports MLflow ({import_s:.1f} s in a fresh interpreter "
+          f"here, once per worker process)")
+    figures = []
+    for repeat in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            previous = os.getcwd()
+            os.chdir(tmp)  # the embedded MLflow store goes here
+            try:
+                rows, fit_wall, end_to_end = run_sweep(Path(tmp), args.iters, args.cpus)
+            finally:
+                os.chdir(previous)
+        print(f"\n## sweep {repeat + 1} of {args.repeats} (load average {os.getloadavg()[0]:.1f})\n")
+        figures.append(report(rows, fit_wall, end_to_end, args.cpus))
+    efficiencies, overheads = zip(*figures, strict=True)
+    print(f"\nover {args.repeats} sweeps: parallel efficiency {statistics.mean(efficiencies):.2f} "
+          f"(target >= 0.7); MLflow logging overhead per trial {statistics.mean(overheads) * 100:+.1f}% "
+          f"(target <= 10%; per sweep: {', '.join(f'{o * 100:+.1f}%' for o in overheads)})")
 
 if __name__ == "__main__":
     main()
