@@ -128,6 +128,29 @@ def test_sweep_on_the_embedded_default_store(tmp_path):
     _check_sweep(client, "t-embedded", tmp_path / "sweeps" / "t-embedded", tmp_path)
 
 
+@pytest.mark.slow
+def test_sweep_over_mujoco_tasks_like_any_other(tmp_path):
+    """MuJoCo tasks in Ray workers: trajectory optimization (gradients from MuJoCo's
+    Jacobians) and CEM, videos from MuJoCo's headless renderer, one MLflow run per trial."""
+    grid = {"env": ["InvertedPendulum-v5", "HalfCheetah-v5"], "pipeline": ["trajectory", "cem"]}
+    overrides = {"backend": "torch", "pipeline.iters": 4, "pipeline.horizon": 8,
+                 "pipeline.batch": 2, "tracking.flush_every_s": 0.5}
+    path = _sweep_file(tmp_path, "t-mujoco", grid, base={}, overrides=overrides)
+    result = run_gradgym(["sweep", str(path)], cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent, children = _runs(client, "t-mujoco")
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    combos = {(c.data.tags["env"], c.data.tags["pipeline"], c.data.tags["backend"]) for c in children}
+    assert combos == {(e, p, "torch") for e in grid["env"] for p in grid["pipeline"]}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert _steps(client, child.info.run_id) == list(range(4))
+        gif = client.download_artifacts(child.info.run_id, "video_best.gif", str(tmp_path / child.info.run_id))
+        frames = iio.imread(gif, index=None)
+        assert frames.shape[0] == 9 and frames.std() > 1.0  # start + 8 steps, not blank
+
+
 def test_unreachable_store_at_the_start_fails_the_sweep_before_any_trial(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     path = _sweep_file(tmp_path, "t-away", {"env": ["Pendulum"]}, base=TINY_CEM,
