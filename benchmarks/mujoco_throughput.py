@@ -124,9 +124,8 @@ def gradgym_vector_workload(name: str, batch: int, env_steps: int, threads: int 
         for action in actions:
             envs.step(action)
 
-    clock = time.perf_counter if wall else time.process_time
-    label = f"gradgym VecEnv B={batch}, {threads} thread(s), {'wall' if wall else 'CPU'} time"
-    return Timed(label, run, batch * steps, clock)
+    label = f"gradgym VecEnv B={batch}, {threads} thread(s), {_clock_name(wall)} time"
+    return Timed(label, run, batch * steps, _clock(wall))
 
 
 def gymnasium_single_workload(name: str, env_steps: int) -> Timed:
@@ -153,13 +152,9 @@ def gymnasium_vector_workload(name: str, batch: int, env_steps: int, mode: str =
     """
     import gymnasium
 
-    if mode == "async":
-        # the workers' MuJoCo compilers print deprecation warnings to the inherited stderr
-        with _stderr_silenced():
-            envs = gymnasium.make_vec(name, num_envs=batch, vectorization_mode="async")
-            envs.reset(seed=0)
-    else:
-        envs = gymnasium.make_vec(name, num_envs=batch, vectorization_mode="sync")
+    # async workers' MuJoCo compilers print deprecation warnings to the inherited stderr
+    with _stderr_silenced() if mode == "async" else contextlib.nullcontext():
+        envs = gymnasium.make_vec(name, num_envs=batch, vectorization_mode=mode)
         envs.reset(seed=0)
     steps = max(2, env_steps // batch)
     actions = [envs.action_space.sample() for _ in range(steps)]
@@ -168,9 +163,17 @@ def gymnasium_vector_workload(name: str, batch: int, env_steps: int, mode: str =
         for action in actions:
             envs.step(action)  # autoresets terminated envs
 
-    clock = time.perf_counter if wall else time.process_time
-    label = f"Gymnasium vector B={batch} ({mode}), {'wall' if wall else 'CPU'} time"
-    return Timed(label, run, batch * steps, clock, close=envs.close)
+    label = f"Gymnasium vector B={batch} ({mode}), {_clock_name(wall)} time"
+    return Timed(label, run, batch * steps, _clock(wall), close=envs.close)
+
+
+def _clock(wall: bool) -> Callable[[], float]:
+    """Wall time (needs free CPUs) or this process's CPU time (what the work costs)."""
+    return time.perf_counter if wall else time.process_time
+
+
+def _clock_name(wall: bool) -> str:
+    return "wall" if wall else "CPU"
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ import pytest
 from env_cases import CASE_IDS
 from env_cases import CLASSIC_CASES as ENV_CASES
 
-
 import gradgym
 from gradgym.envs import to_numpy
 

@@ -173,7 +173,7 @@ def test_transition_fd_and_central_jacobians_agree_on_half_cheetah():
 # Through gradgym's own pipelines, as `gradgym run pipeline=... env=HalfCheetah-v5` runs them.
 
 
-def run(pipeline: str, name: str, backend: str, cfg, **kwargs):
+def optimize(pipeline: str, name: str, backend: str, cfg, **kwargs):
     """``cfg``'s pipeline on task ``name``: (return of iteration 0, best return, history)."""
     env = gradgym.make(name, backend=backend, dtype="float64", **kwargs)
     result = run_pipeline(pipeline, env, cfg, seed=3)
@@ -183,13 +183,13 @@ def run(pipeline: str, name: str, backend: str, cfg, **kwargs):
 def test_trajectory_pipeline_improves_half_cheetah_on_torch():
     cfg = TrajectoryConfig(iters=15, horizon=15, batch=2, init_scale=0.5, render=False,
                            grad_hist_every=0)
-    initial, best, _ = run("trajectory", "HalfCheetah-v5", "torch", cfg)
+    initial, best, _ = optimize("trajectory", "HalfCheetah-v5", "torch", cfg)
     assert best > initial + 1.0, (initial, best)
 
 
 def test_trajectory_pipeline_keeps_the_pendulum_up_longer_on_torch():
     cfg = TrajectoryConfig(iters=20, horizon=20, batch=2, render=False, grad_hist_every=0)
-    initial, best, _ = run("trajectory", "InvertedPendulum-v5", "torch", cfg, smooth_reward=True)
+    initial, best, _ = optimize("trajectory", "InvertedPendulum-v5", "torch", cfg, smooth_reward=True)
     assert best > initial + 2.0, (initial, best)
 
 
@@ -197,7 +197,7 @@ def test_trajectory_pipeline_keeps_hopper_up_longer_on_jax():
     """Hopper's episodes end when it falls (``done``; the pipelines count no reward after
     it, as test_pipelines.py checks on a probe env): the optimized plan stays up longer."""
     cfg = TrajectoryConfig(iters=10, horizon=30, batch=4, render=False, grad_hist_every=0)
-    initial, best, history = run("trajectory", "Hopper-v5", "jax", cfg)
+    initial, best, history = optimize("trajectory", "Hopper-v5", "jax", cfg)
     # Unmasked, the healthy reward alone would give ~30 over 30 steps; the random plans fall
     # within a few steps and count only those.
     assert initial < 0.5 * cfg.horizon, initial
@@ -208,5 +208,5 @@ def test_trajectory_pipeline_keeps_hopper_up_longer_on_jax():
 def test_cem_pipeline_improves_half_cheetah_on_numpy():
     cfg = CEMConfig(iters=6, horizon=15, batch=2, population=64, elites=8, init_std=0.5,
                     render=False)
-    initial, best, _ = run("cem", "HalfCheetah-v5", "numpy", cfg)
+    initial, best, _ = optimize("cem", "HalfCheetah-v5", "numpy", cfg)
     assert best > initial + 1.0, (initial, best)

@@ -254,7 +254,7 @@ class RunTracker:
 
         stamp = _now_ms()
         final = [Metric(k, float(v), stamp, int(step)) for k, v in metrics.items()]
-        with self._lock:  # sent with the last iterations
+        with self._lock:  # replaced, never changed in place: the sender compares identity
             self._pending_final = final
 
     def log_artifact(self, path: Path, artifact_dir: str | None = None) -> None:
@@ -396,7 +396,7 @@ class RunTracker:
             with self._lock:
                 acked = self._state.get("acked", 0)
                 pending = self.metrics.entries[acked:]
-                final = list(self._pending_final)
+                final = self._pending_final
             params = self._unsent_params[:MAX_PARAMS_PER_BATCH]
             room = MAX_ENTRIES_PER_BATCH - len(params)
             batch: list[Metric] = []
@@ -417,7 +417,8 @@ class RunTracker:
             self._unsent_params = self._unsent_params[len(params):]
             if with_final:
                 with self._lock:
-                    self._pending_final = self._pending_final[len(final):]
+                    if self._pending_final is final:  # not replaced meanwhile
+                        self._pending_final = []
             if lines:
                 self.batches_sent += 1
                 self._state["acked"] = acked + lines
