@@ -19,7 +19,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-BACKENDS = ("numpy", "jax", "torch", "ivy")
+# The one list of backends; every other module imports these names.
+ARRAY_BACKENDS = ("numpy", "jax", "torch")  # gradgym computes on these arrays
+AUTODIFF_BACKENDS = ("jax", "torch")  # ... and differentiates through these
+INTEROP_BACKENDS = ("ivy",)  # accepted at the boundary, computed on an array backend
+BACKENDS = ARRAY_BACKENDS + INTEROP_BACKENDS
 DTYPES = ("float32", "float64")
 
 
@@ -32,7 +36,7 @@ class Backend:
     """An array library as environments see it.
 
     Attributes:
-        name: ``"numpy"``, ``"jax"`` or ``"torch"``.
+        name: one of ``ARRAY_BACKENDS``.
         xp: the Array API namespace the dynamics are written against.
         dtype: the floating dtype object of that library.
     """
@@ -105,6 +109,17 @@ class Backend:
             unit = gen.random(shape, dtype=self.dtype)
         return low + (high - low) * unit
 
+    def normal(self, rng: Any, shape: tuple[int, ...]) -> Any:
+        """Standard normal samples of the backend's dtype."""
+        gen = self.generator(rng)
+        if self.name == "jax":
+            import jax
+
+            return jax.random.normal(gen, shape, dtype=self.dtype)
+        if self.name == "torch":
+            return self.xp.randn(shape, generator=gen, dtype=self.dtype)
+        return gen.standard_normal(shape, dtype=self.dtype)
+
     def split(self, rng: Any, num: int) -> list[Any]:
         """``num`` independent generators derived from ``rng``."""
         gen = self.generator(rng)
@@ -173,6 +188,7 @@ _NAMESPACES: dict[str, Callable[[], Any]] = {
     "jax": _jax_namespace,
     "torch": _torch_namespace,
 }
+assert tuple(_NAMESPACES) == ARRAY_BACKENDS
 
 
 @functools.lru_cache(maxsize=None)
@@ -182,9 +198,10 @@ def get_backend(name: str, dtype: str = "float32") -> Backend:
     Raises:
         ValueError: unknown backend or dtype (the message lists what is available).
     """
-    if name not in _NAMESPACES:
+    if name not in ARRAY_BACKENDS:
+        interop = " (ivy envs are made with gradgym.make(name, backend='ivy'))" if name in INTEROP_BACKENDS else ""
         raise ValueError(
-            f"unknown backend {name!r}; available: {', '.join(BACKENDS)}"
+            f"unknown array backend {name!r}{interop}; available: {', '.join(ARRAY_BACKENDS)}"
         )
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; available: {', '.join(DTYPES)}")

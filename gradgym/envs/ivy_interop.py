@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from gradgym.envs.backends import DTYPES, BackendUnavailableError, get_backend
+from gradgym.envs.backends import ARRAY_BACKENDS, DTYPES, BackendUnavailableError, get_backend
 from gradgym.envs.core import Env, EnvSpec, Task
 
-NATIVE_BACKENDS = ("numpy", "jax", "torch")
+NATIVE_BACKENDS = ARRAY_BACKENDS
 """The ivy backends gradgym computes on."""
 
 

@@ -141,11 +141,6 @@ def compile_function(fn: Callable, *example_args: Any) -> tuple[Callable, float]
     return compiled, time.perf_counter() - began
 
 
-def normal(rng: Any, shape: tuple[int, ...], dtype: Any) -> Any:
-    """Standard normal samples from a jax PRNG key."""
-    return jax.random.normal(rng, shape, dtype=dtype)
-
-
 def top_k_indices(values: Any, k: int) -> Any:
     """Indices of the ``k`` largest entries along the last axis."""
     return jax.lax.top_k(values, k)[1]

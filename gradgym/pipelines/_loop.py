@@ -14,17 +14,14 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from gradgym.pipelines.base import EVAL_METRIC, NonFiniteReturnError, PipelineResult, Report
-
-# What a trainer's ``step`` returns, in this order (the first part of ITERATION_METRICS).
-GRADIENT_STEP_METRICS = (
-    "return_mean",
-    "return_min",
-    "return_max",
-    "loss",
-    "grad_norm",
-    "grad_max_abs",
-    "grad_nonfinite",
+from gradgym.pipelines.base import (
+    EVAL_METRIC,
+    GRADIENT_STEP_METRICS,  # noqa: F401 - re-exported: pipelines import it from here
+    NonFiniteReturnError,
+    PipelineResult,
+    Report,
+    Reporter,
+    as_reporter,
 )
 
 
@@ -56,15 +53,15 @@ class LoopSpec:
     grad_hist_every: int = 0
 
 
-def run_loop(optimizer: Any, spec: LoopSpec, report: Report) -> PipelineResult:
+def run_loop(optimizer: Any, spec: LoopSpec, report: Report | Reporter | None) -> PipelineResult:
     """Run ``spec.iters`` iterations of ``optimizer``, reporting each, and finish."""
-    return _Run(optimizer, spec, report).run()
+    return _Run(optimizer, spec, as_reporter(report)).run()
 
 
 class _Run:
     """The state of one run: history, best score so far, timing."""
 
-    def __init__(self, optimizer: Any, spec: LoopSpec, report: Report):
+    def __init__(self, optimizer: Any, spec: LoopSpec, report: Reporter):
         self.optimizer, self.spec, self.report = optimizer, spec, report
         self.began = time.perf_counter()
         self.compile_time = 0.0
@@ -85,7 +82,7 @@ class _Run:
                 artifacts["video_initial"] = initial_video
             if spec.grad_hist_every and iteration % spec.grad_hist_every == 0:
                 artifacts["gradients"] = optimizer.gradients()
-            self.report(metrics, iteration, artifacts or None)
+            self.report.iteration(metrics, iteration, artifacts or None)
             self.history.append(metrics)
             self.stop_if_not_finite(iteration, metrics)
 
@@ -111,6 +108,7 @@ class _Run:
         metrics = dict(zip(spec.step_metrics, values))
         metrics["iter_time_s"] = elapsed
         metrics["env_steps_per_s"] = spec.steps_per_iter / elapsed
+        metrics["env_steps"] = float(spec.steps_per_iter * (iteration + 1))
         if evaluating:
             metrics[EVAL_METRIC] = eval_return
         if scored:  # the metrics describe the parameters before the step: keep those
@@ -141,7 +139,7 @@ class _Run:
             "best_return": self.best_score,
             "final_return": final_return,
         }
-        self.report(final, len(self.history), artifacts or None)
+        self.report.final(final, len(self.history), artifacts or None)
         return PipelineResult(
             best_return=self.best_score,
             final_return=final_return,

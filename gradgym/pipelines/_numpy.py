@@ -30,11 +30,6 @@ def compile_function(fn: Callable, *example_args: Any) -> tuple[Callable, float]
     return fn, 0.0
 
 
-def normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """Standard normal samples from a ``numpy.random.Generator``."""
-    return rng.standard_normal(shape, dtype=dtype)
-
-
 def top_k_indices(values: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` largest entries along the last axis (in no particular order)."""
     return np.argpartition(values, values.shape[-1] - k, axis=-1)[..., values.shape[-1] - k :]

@@ -17,15 +17,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gradgym.envs.backends import get_backend
+from gradgym.envs.backends import ARRAY_BACKENDS, AUTODIFF_BACKENDS, get_backend
 from gradgym.envs.core import Env
 
 # act(params, obs, x) -> action [B, act_dim]; ``x`` is the scanned input of this step.
 Act = Callable[[Any, Any, Any], Any]
-
-GRADIENT_BACKENDS = ("jax", "torch")
-ALL_BACKENDS = ("numpy",) + GRADIENT_BACKENDS
-
 
 def backend_ops(env: Any, pipeline: str, gradient: bool) -> ModuleType:
     """The per-backend module (``_numpy``, ``_jax``, ``_torch``) that runs ``env``.
@@ -35,14 +31,14 @@ def backend_ops(env: Any, pipeline: str, gradient: bool) -> ModuleType:
             ivy envs are an interop boundary, not a pipeline backend).
     """
     backend = getattr(getattr(env, "spec", None), "backend", None)
-    allowed = GRADIENT_BACKENDS if gradient else ALL_BACKENDS
-    if not isinstance(env, Env) or backend not in ALL_BACKENDS:
+    allowed = AUTODIFF_BACKENDS if gradient else ARRAY_BACKENDS
+    if not isinstance(env, Env) or backend not in ARRAY_BACKENDS:
         raise ValueError(
             f"the {pipeline} pipeline runs on envs made with backend "
             f"{', '.join(repr(b) for b in allowed)}; got {env!r}. Make the env with "
             f"gradgym.make(name, backend={allowed[0]!r})."
         )
-    if gradient and backend not in GRADIENT_BACKENDS:
+    if gradient and backend not in AUTODIFF_BACKENDS:
         raise ValueError(
             f"the {pipeline} pipeline needs gradients, which the {backend!r} backend does not "
             f"have; use backend 'jax' or 'torch', or the zeroth-order pipeline 'cem', which "

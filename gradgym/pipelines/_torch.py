@@ -134,11 +134,6 @@ def compile_function(fn: Callable, *example_args: Any) -> tuple[Callable, float]
     return torch.no_grad()(fn), 0.0
 
 
-def normal(rng: torch.Generator, shape: tuple[int, ...], dtype: Any) -> torch.Tensor:
-    """Standard normal samples from a ``torch.Generator``."""
-    return torch.randn(shape, generator=rng, dtype=dtype)
-
-
 def top_k_indices(values: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest entries along the last axis."""
     return torch.topk(values, k, dim=-1).indices

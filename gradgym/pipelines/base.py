@@ -13,10 +13,14 @@ A pipeline reports through a plain callback so that it runs the same in a notebo
   iterations, for histograms.
 
 Calls: one per iteration with ``step`` = the iteration index (0-based) and the
-``ITERATION_METRICS`` measured at the parameters *before* that iteration's update
+iteration metrics measured at the parameters *before* that iteration's update
 (``video_initial`` comes with iteration 0); then one final call with ``step`` = the number
 of iterations run and the ``FINAL_METRICS`` (``video_best`` comes with it). A run that
 stops on a non-finite return makes the final call before raising.
+
+A plain callable gets both kinds of calls. A caller that must tell them apart (the
+platform's run recorder) passes a :class:`Reporter`, whose ``iteration`` and ``final``
+methods are called instead.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
-ITERATION_METRICS = (
+# What a gradient trainer's ``step`` returns, in this order.
+GRADIENT_STEP_METRICS = (
     "return_mean",
     "return_min",
     "return_max",
@@ -32,9 +37,11 @@ ITERATION_METRICS = (
     "grad_norm",
     "grad_max_abs",
     "grad_nonfinite",
-    "iter_time_s",
-    "env_steps_per_s",
 )
+# What the shared loop adds to every iteration; ``env_steps`` (cumulative env steps
+# simulated) is the x-axis that every method shares.
+LOOP_METRICS = ("iter_time_s", "env_steps_per_s", "env_steps")
+ITERATION_METRICS = GRADIENT_STEP_METRICS + LOOP_METRICS  # of the gradient pipelines
 EVAL_METRIC = "eval_return_mean"
 FINAL_METRICS = ("compile_time_s", "best_return", "final_return")
 
@@ -45,6 +52,42 @@ class Report(Protocol):
     def __call__(
         self, metrics: dict[str, float], step: int, artifacts: Optional[dict[str, Any]] = None
     ) -> None: ...
+
+
+class Reporter(Protocol):
+    """A progress receiver that tells iteration reports from the closing one."""
+
+    def iteration(
+        self, metrics: dict[str, float], step: int, artifacts: Optional[dict[str, Any]] = None
+    ) -> None: ...
+
+    def final(
+        self, metrics: dict[str, float], step: int, artifacts: Optional[dict[str, Any]] = None
+    ) -> None: ...
+
+
+@dataclass
+class CallbackReporter:
+    """A plain ``report`` callable as a :class:`Reporter`: it receives both kinds of calls."""
+
+    report: Report
+
+    def iteration(self, metrics: dict[str, float], step: int,
+                  artifacts: Optional[dict[str, Any]] = None) -> None:
+        self.report(metrics, step, artifacts)
+
+    def final(self, metrics: dict[str, float], step: int,
+              artifacts: Optional[dict[str, Any]] = None) -> None:
+        self.report(metrics, step, artifacts)
+
+
+def as_reporter(report: Report | Reporter | None) -> Reporter:
+    """``report`` as a :class:`Reporter` (``None``: report nothing)."""
+    if report is None:
+        return CallbackReporter(no_report)
+    if callable(getattr(report, "iteration", None)) and callable(getattr(report, "final", None)):
+        return report  # type: ignore[return-value]
+    return CallbackReporter(report)  # type: ignore[arg-type]
 
 
 def no_report(

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from gradgym.envs.backends import to_numpy
+from gradgym.envs.backends import ARRAY_BACKENDS, to_numpy
 from gradgym.envs.core import Env
 from gradgym.pipelines._loop import LoopSpec, run_loop
 from gradgym.pipelines._rollout import (
@@ -31,8 +31,9 @@ from gradgym.pipelines._rollout import (
     transition,
     tree_map,
 )
-from gradgym.pipelines.base import PipelineResult, Report, no_report
+from gradgym.pipelines.base import PipelineResult, Report
 from gradgym.pipelines.config import CEMConfig, validate_config
+from gradgym.pipelines.registry import PipelineSpec, register
 
 CEM_STEP_METRICS = (
     "return_mean",
@@ -92,7 +93,7 @@ class CrossEntropyPlanner:
         xp = env.xp
         batch, population = cfg.batch, cfg.population
         plan_shape = tuple(mean.shape[1:])
-        noise = ops.normal(key, (batch, population) + plan_shape, env.backend.dtype)
+        noise = env.backend.normal(key, (batch, population) + plan_shape)
         samples = xp.clip(mean[:, None] + std[:, None] * noise, -1.0, 1.0)
         flat = xp.reshape(samples, (batch * population,) + plan_shape)
         sample_returns = xp.reshape(self._returns(flat, population_start), (batch, population))
@@ -185,4 +186,15 @@ def optimize(
         next_inputs=lambda iteration: start,
         render=render if cfg.render else None,
     )
-    return run_loop(planner, spec, report or no_report)
+    return run_loop(planner, spec, report)
+
+
+PIPELINE = register(PipelineSpec(
+    name="cem",
+    config=CEMConfig,
+    optimize=optimize,
+    backends=ARRAY_BACKENDS,
+    needs_gradients=False,
+    step_metrics=CEM_STEP_METRICS,
+    summary="cross-entropy method over open-loop actions (zeroth order)",
+))

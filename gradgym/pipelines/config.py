@@ -1,7 +1,9 @@
-"""Pipeline configurations: plain dataclasses, one per pipeline.
+"""Pipeline configurations: plain dataclasses, one per pipeline, each able to validate itself.
 
 The platform layer turns these into omegaconf structured configs (``pipeline.iters=...``
-on the command line); pipelines only read them. Field names are public interface.
+on the command line); pipelines only read them. Field names are public interface. A bad
+value raises :class:`PipelineConfigError`, which names the field, the value and what is
+allowed, so that every caller can word the message its own way.
 """
 
 from __future__ import annotations
@@ -15,8 +17,40 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 ADAMW_WEIGHT_DECAY = 1e-4  # the same on optax and torch.optim (their defaults differ)
 
 
+class PipelineConfigError(ValueError):
+    """A pipeline config field holds a value the pipeline does not accept."""
+
+    def __init__(self, pipeline: str, field_name: str, value: Any, allowed: str):
+        self.pipeline, self.field, self.value, self.allowed = pipeline, field_name, value, allowed
+        super().__init__(f"{pipeline}.{field_name}={value!r} is invalid; allowed: {allowed}")
+
+
 @dataclass
-class TrajectoryConfig:
+class _Common:
+    """Fields every pipeline has: iterations, rollout length, start states per iteration."""
+
+    def validate(self) -> None:
+        """Raise :class:`PipelineConfigError` for the first invalid field."""
+        _check(self, "iters", _positive_int, "an int >= 1")
+        _check(self, "horizon", _positive_int, "an int >= 1")
+        _check(self, "batch", _positive_int, "an int >= 1")
+
+
+@dataclass
+class _GradientCommon(_Common):
+    """Checks of the optimizer fields of the gradient pipelines."""
+
+    def validate(self) -> None:
+        super().validate()
+        _check(self, "lr", lambda v: _number(v) and v > 0, "a number > 0")
+        _check(self, "lr_schedule", lambda v: v in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}")
+        _check(self, "optimizer", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
+        _check(self, "grad_clip", lambda v: _number(v) and v >= 0, "a number >= 0 (0 disables)")
+        _check(self, "grad_hist_every", _non_negative_int, "an int >= 0 (0 disables)")
+
+
+@dataclass
+class TrajectoryConfig(_GradientCommon):
     """Open-loop trajectory optimization by gradient descent through the env.
 
     Logits ``[batch, horizon, act_dim]`` ~ U(-init_scale, init_scale), actions = tanh(logits),
@@ -36,9 +70,13 @@ class TrajectoryConfig:
     render: bool = True  # report frames of the initial and best trajectory
     torch_compile: bool = False
 
+    def validate(self) -> None:
+        super().validate()
+        _check(self, "init_scale", lambda v: _number(v) and v >= 0, "a number >= 0")
+
 
 @dataclass
-class PolicyConfig:
+class PolicyConfig(_GradientCommon):
     """Policy optimization by back-propagation through time (MLP obs -> 64 -> 64 -> act, tanh)."""
 
     name: str = "policy"
@@ -57,9 +95,16 @@ class PolicyConfig:
     render: bool = True
     torch_compile: bool = False
 
+    def validate(self) -> None:
+        super().validate()
+        _check(self, "grad_horizon", _non_negative_int, "an int >= 0 (0 = the whole horizon)")
+        _check(self, "hidden", lambda v: all(_positive_int(h) for h in v), "a list of ints >= 1")
+        _check(self, "eval_every", _positive_int, "an int >= 1")
+        _check(self, "eval_batch", _positive_int, "an int >= 1")
+
 
 @dataclass
-class CEMConfig:
+class CEMConfig(_Common):
     """Cross-entropy method over open-loop actions: zeroth order, runs on every backend."""
 
     name: str = "cem"
@@ -74,55 +119,29 @@ class CEMConfig:
     lr: float = 1.0  # step toward the elite mean (1 = plain CEM)
     render: bool = True
 
-
-PIPELINE_CONFIGS = {"trajectory": TrajectoryConfig, "policy": PolicyConfig, "cem": CEMConfig}
+    def validate(self) -> None:
+        super().validate()
+        _check(self, "population", _positive_int, "an int >= 1")
+        _check(self, "elites", lambda v: _positive_int(v) and v <= self.population,
+               f"an int in [1, population={self.population}]")
+        _check(self, "init_std", lambda v: _number(v) and v > 0, "a number > 0")
+        _check(self, "min_std", lambda v: _number(v) and v >= 0, "a number >= 0")
+        _check(self, "smoothing", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
+        _check(self, "lr", lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]")
 
 
 def validate_config(cfg: Any, pipeline: str | None = None) -> None:
     """Raise ``ValueError`` naming the field, the bad value and what is allowed.
 
-    ``cfg`` is one of the dataclasses above or anything with the same attributes (an
-    omegaconf ``DictConfig``); pipelines call this before any expensive work. With
-    ``pipeline``, ``cfg`` must be that pipeline's config.
+    ``cfg`` is a pipeline's config dataclass; pipelines call this before any expensive
+    work. With ``pipeline``, ``cfg`` must be that pipeline's config.
     """
     name = getattr(cfg, "name", None)
-    if name not in PIPELINE_CONFIGS:
-        raise ValueError(
-            f"pipeline config name {name!r} is not one of {', '.join(PIPELINE_CONFIGS)}"
-        )
     if pipeline is not None and name != pipeline:
-        raise ValueError(
-            f"the {pipeline} pipeline needs a {PIPELINE_CONFIGS[pipeline].__name__}, got a config "
-            f"named {name!r}"
-        )
-    _check(cfg, "iters", _positive_int, "an int >= 1")
-    _check(cfg, "horizon", _positive_int, "an int >= 1")
-    _check(cfg, "batch", _positive_int, "an int >= 1")
-    if name == "cem":
-        _check_cem(cfg)
-        return
-    _check(cfg, "lr", lambda v: _number(v) and v > 0, "a number > 0")
-    _check(cfg, "lr_schedule", lambda v: v in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}")
-    _check(cfg, "optimizer", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
-    _check(cfg, "grad_clip", lambda v: _number(v) and v >= 0, "a number >= 0 (0 disables)")
-    _check(cfg, "grad_hist_every", _non_negative_int, "an int >= 0 (0 disables)")
-    if name == "trajectory":
-        _check(cfg, "init_scale", lambda v: _number(v) and v >= 0, "a number >= 0")
-        return
-    _check(cfg, "grad_horizon", _non_negative_int, "an int >= 0 (0 = the whole horizon)")
-    _check(cfg, "hidden", lambda v: all(_positive_int(h) for h in v), "a list of ints >= 1")
-    _check(cfg, "eval_every", _positive_int, "an int >= 1")
-    _check(cfg, "eval_batch", _positive_int, "an int >= 1")
-
-
-def _check_cem(cfg: Any) -> None:
-    _check(cfg, "population", _positive_int, "an int >= 1")
-    _check(cfg, "elites", lambda v: _positive_int(v) and v <= cfg.population,
-           f"an int in [1, population={cfg.population}]")
-    _check(cfg, "init_std", lambda v: _number(v) and v > 0, "a number > 0")
-    _check(cfg, "min_std", lambda v: _number(v) and v >= 0, "a number >= 0")
-    _check(cfg, "smoothing", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
-    _check(cfg, "lr", lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]")
+        raise ValueError(f"the {pipeline} pipeline needs its own config, got {cfg!r}")
+    if not callable(getattr(cfg, "validate", None)):
+        raise ValueError(f"expected a pipeline config dataclass, got {type(cfg).__name__}")
+    cfg.validate()
 
 
 def _check(cfg: Any, field_name: str, ok: Callable[[Any], bool], allowed: str) -> None:
@@ -132,7 +151,7 @@ def _check(cfg: Any, field_name: str, ok: Callable[[Any], bool], allowed: str) -
     except TypeError:
         valid = False
     if not valid:
-        raise ValueError(f"{cfg.name}.{field_name}={value!r} is invalid; allowed: {allowed}")
+        raise PipelineConfigError(cfg.name, field_name, value, allowed)
 
 
 def _number(value: Any) -> bool:

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from gradgym.envs.backends import AUTODIFF_BACKENDS
 from gradgym.envs.core import Env
 from gradgym.pipelines._loop import GRADIENT_STEP_METRICS, LoopSpec, run_loop
 from gradgym.pipelines._rollout import (
@@ -29,8 +30,9 @@ from gradgym.pipelines._rollout import (
     start_states,
     transition,
 )
-from gradgym.pipelines.base import PipelineResult, Report, no_report
+from gradgym.pipelines.base import EVAL_METRIC, PipelineResult, Report
 from gradgym.pipelines.config import PolicyConfig, validate_config
+from gradgym.pipelines.registry import PipelineSpec, register
 
 WEIGHTS_STREAM, TRAIN_STREAM, EVAL_STREAM = 1, 2, 3  # host_rng streams of a run's seed
 
@@ -113,4 +115,16 @@ def optimize(
         render=render if cfg.render else None,
         grad_hist_every=cfg.grad_hist_every,
     )
-    return run_loop(trainer, spec, report or no_report)
+    return run_loop(trainer, spec, report)
+
+
+PIPELINE = register(PipelineSpec(
+    name="policy",
+    config=PolicyConfig,
+    optimize=optimize,
+    backends=AUTODIFF_BACKENDS,
+    needs_gradients=True,
+    step_metrics=GRADIENT_STEP_METRICS,
+    eval_metric=EVAL_METRIC,
+    summary="an MLP policy trained by back-propagation through time",
+))

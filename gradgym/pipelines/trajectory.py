@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Optional
 
+from gradgym.envs.backends import AUTODIFF_BACKENDS
 from gradgym.envs.core import Env
 from gradgym.pipelines._loop import GRADIENT_STEP_METRICS, LoopSpec, run_loop
 from gradgym.pipelines._rollout import (
@@ -30,8 +31,9 @@ from gradgym.pipelines._rollout import (
     start_states,
     transition,
 )
-from gradgym.pipelines.base import PipelineResult, Report, no_report
+from gradgym.pipelines.base import PipelineResult, Report
 from gradgym.pipelines.config import TrajectoryConfig, validate_config
+from gradgym.pipelines.registry import PipelineSpec, register
 
 LOGITS_STREAM = 1  # host_rng stream of the initial logits
 
@@ -92,4 +94,15 @@ def optimize(
         render=render if cfg.render else None,
         grad_hist_every=cfg.grad_hist_every,
     )
-    return run_loop(trainer, spec, report or no_report)
+    return run_loop(trainer, spec, report)
+
+
+PIPELINE = register(PipelineSpec(
+    name="trajectory",
+    config=TrajectoryConfig,
+    optimize=optimize,
+    backends=AUTODIFF_BACKENDS,
+    needs_gradients=True,
+    step_metrics=GRADIENT_STEP_METRICS,
+    summary="open-loop action sequences by gradient descent through the env",
+))

@@ -134,7 +134,7 @@ class MujocoTask(Task):
         scale = self.reset_noise_scale
         qpos = backend.asarray(model.qpos0) + backend.uniform(keys[0], (batch, model.nq), -scale, scale)
         if self.qvel_noise == "normal":
-            qvel = scale * _standard_normal(backend, keys[1], (batch, model.nv))
+            qvel = scale * backend.normal(keys[1], (batch, model.nv))
         else:
             qvel = backend.uniform(keys[1], (batch, model.nv), -scale, scale)
         return self.state_from_qpos_qvel(backend, qpos, qvel)
@@ -224,15 +224,6 @@ def inside(xp: Any, value: Any, bounds: tuple[float, float], closed: bool = Fals
     if closed:
         return xp.logical_and(value >= low, value <= high)
     return xp.logical_and(value > low, value < high)
-
-
-def _standard_normal(backend: Backend, rng: Any, shape: tuple[int, ...]) -> Any:
-    # Box-Muller from two uniform draws: the backends' random adapter draws uniforms only.
-    keys = backend.split(rng, 2)
-    u1 = 1.0 - backend.uniform(keys[0], shape, 0.0, 1.0)  # in (0, 1]: log is finite
-    u2 = backend.uniform(keys[1], shape, 0.0, 1.0)
-    xp = backend.xp
-    return xp.sqrt(-2.0 * xp.log(u1)) * xp.cos(2.0 * math.pi * u2)
 
 
 def _check_int(task: Task, name: str, minimum: int) -> None:

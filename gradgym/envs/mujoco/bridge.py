@@ -21,16 +21,19 @@ from typing import Any
 
 import numpy as np
 
+from gradgym.envs.backends import ARRAY_BACKENDS
 from gradgym.envs.mujoco.physics import Physics
 
 
 def namespace_kind(xp: Any) -> str:
-    """``"numpy"``, ``"torch"`` or ``"jax"`` for an array namespace."""
+    """The array backend (one of ``ARRAY_BACKENDS``) of an array namespace."""
     name = getattr(xp, "__name__", "").removeprefix("array_api_compat.")
-    for kind in ("numpy", "torch", "jax"):
+    for kind in ARRAY_BACKENDS:
         if name == kind or name.startswith(kind + "."):
             return kind
-    raise TypeError(f"MuJoCo tasks run on numpy, torch and jax; got array namespace {name!r}")
+    raise TypeError(
+        f"MuJoCo tasks run on {', '.join(ARRAY_BACKENDS)}; got array namespace {name!r}"
+    )
 
 
 def physics_step(xp: Any, physics: Physics, qpos: Any, qvel: Any, ctrl: Any,

@@ -1,0 +1,93 @@
+"""The pipeline registry: what the platform may know about a pipeline, declared by it.
+
+Every pipeline module declares one :class:`PipelineSpec` and registers it at import::
+
+    PIPELINE = register(PipelineSpec(name="trajectory", config=TrajectoryConfig, optimize=optimize,
+                                     backends=AUTODIFF_BACKENDS, ...))
+
+The platform (configs, runner, sweeps, schedulers) reads specs from here and never names a
+pipeline. Adding a pipeline: a module in ``gradgym/pipelines/`` that registers its spec, and
+its module name in ``BUILTIN`` below.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from gradgym.pipelines.base import FINAL_METRICS, LOOP_METRICS
+
+# Modules that register the built-in pipelines, in the order they are listed to users.
+BUILTIN = ("trajectory", "policy", "cem")
+DEFAULT_PIPELINE = "trajectory"
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """One pipeline as the platform sees it.
+
+    Attributes:
+        name: the value of ``pipeline=`` on the command line.
+        config: the config dataclass (its fields are the ``pipeline.*`` keys).
+        optimize: ``optimize(env, cfg, seed=0, report=None) -> PipelineResult``.
+        backends: the array backends it runs on.
+        needs_gradients: whether it differentiates through the env (for error messages).
+        step_metrics: what its optimizer step reports; the loop adds ``LOOP_METRICS``.
+        eval_metric: the held-out score it reports every few iterations, if any.
+        schedule_metric: the metric early-stopping schedulers (ASHA) should watch.
+        summary: one line for listings.
+    """
+
+    name: str
+    config: type
+    optimize: Callable[..., Any]
+    backends: tuple[str, ...]
+    needs_gradients: bool
+    step_metrics: tuple[str, ...]
+    eval_metric: Optional[str] = None
+    schedule_metric: str = "return_mean"
+    summary: str = ""
+
+    @property
+    def iteration_metrics(self) -> tuple[str, ...]:
+        """Every metric name an iteration report may carry."""
+        extra = (self.eval_metric,) if self.eval_metric else ()
+        return self.step_metrics + LOOP_METRICS + extra
+
+    @property
+    def final_metrics(self) -> tuple[str, ...]:
+        """The metrics of the closing report."""
+        return FINAL_METRICS
+
+
+_SPECS: dict[str, PipelineSpec] = {}
+
+
+def register(spec: PipelineSpec) -> PipelineSpec:
+    """Add ``spec`` to the registry (a pipeline module calls this at import)."""
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def pipelines() -> dict[str, PipelineSpec]:
+    """Every registered pipeline, by name (the built-in ones first, in ``BUILTIN`` order)."""
+    for module in BUILTIN:
+        importlib.import_module(f"gradgym.pipelines.{module}")
+    order = [name for name in BUILTIN if name in _SPECS] + [n for n in _SPECS if n not in BUILTIN]
+    return {name: _SPECS[name] for name in order}
+
+
+def get_pipeline(name: str) -> PipelineSpec:
+    """The spec of pipeline ``name``.
+
+    Raises:
+        ValueError: no such pipeline (the message lists the available ones).
+    """
+    specs = pipelines()
+    if name not in specs:
+        close = difflib.get_close_matches(str(name), specs, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown pipeline {name!r}{hint}; available: {', '.join(specs)}")
+    return specs[name]
