@@ -25,6 +25,7 @@ from gradgym.pipelines import (
     _numpy,
     cem,
     policy,
+    get_pipeline,
     run_pipeline,
     trajectory,
 )
@@ -343,7 +344,7 @@ def test_cem_improves_on_random_actions_and_reports_its_metrics(backend):
     rec = Recorder()
     result = cem.optimize(env, cfg, seed=0, report=rec)
     for metrics, _, _ in rec.iterations:
-        assert set(metrics) == set(cem.CEM_STEP_METRICS) | {"iter_time_s", "env_steps_per_s"}
+        assert set(metrics) == set(get_pipeline("cem").iteration_metrics)
     stds = [m["action_std_mean"] for m, _, _ in rec.iterations]
     assert stds[0] == pytest.approx(1.0) and stds[-1] < stds[0]
     # random actions on the same start states, on numpy
@@ -529,7 +530,7 @@ def test_ivy_env_is_refused_with_the_backends_that_work(tmp_path, monkeypatch):
         (
             trajectory,
             PolicyConfig(),
-            r"trajectory pipeline needs a TrajectoryConfig, got a config named 'policy'",
+            r"the trajectory pipeline needs its own config, got PolicyConfig",
         ),
         (policy, PolicyConfig(hidden=[64, 0]), r"policy.hidden=\[64, 0\] is invalid"),
         (policy, PolicyConfig(grad_horizon=-1), r"policy.grad_horizon=-1"),

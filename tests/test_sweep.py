@@ -18,6 +18,8 @@ import yaml
 from conftest import free_port, run_gradgym, start_gradgym, stop_process_group
 from mlflow import MlflowClient
 
+from gradgym.platform.faults import FAULTS_VARIABLE
+
 ITERS = 6
 TINY = {
     "pipeline": "trajectory",
@@ -47,6 +49,11 @@ def _sweep_file(folder: Path, name: str, grid: dict, base: dict = TINY, **extra)
     path.write_text(yaml.safe_dump({"name": name, "overrides": overrides, "grid": grid, **extra},
                                    sort_keys=False))
     return path
+
+
+def _delay(seconds: float) -> dict[str, str]:
+    """The environment of a sweep whose trials sleep ``seconds`` after every iteration."""
+    return {FAULTS_VARIABLE: json.dumps([{"iteration_delay_s": seconds}])}
 
 
 def _runs(client: MlflowClient, experiment: str) -> tuple:
@@ -164,16 +171,20 @@ def test_unreachable_store_at_the_start_fails_the_sweep_before_any_trial(tmp_pat
 
 @pytest.mark.slow
 def test_crashed_trial_is_retried_and_a_failing_trial_is_marked_failed(tmp_path):
-    grid = {"env": ["Pendulum"], "testing.crash_attempts": [1, 5]}
+    grid = {"env": ["Pendulum"], "seed": [1, 5]}
     path = _sweep_file(tmp_path, "t-faults", grid, base=TINY_CEM, max_failures=1)
-    result = run_gradgym(["sweep", str(path)], cwd=tmp_path, timeout=600)
+    # Seed 1 crashes on its first attempt only, seed 5 on all five it could have.
+    faults = [{"match": {"seed": seed}, "crash_attempts": seed} for seed in (1, 5)]
+    result = run_gradgym(["sweep", str(path)], cwd=tmp_path, timeout=600,
+                         **{FAULTS_VARIABLE: json.dumps(faults)})
     assert result.returncode == 1, (result.stdout + result.stderr)[-4000:]  # one trial failed
     assert "1 finished" in result.stdout and "1 failed" in result.stdout
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent, children = _runs(client, "t-faults")
     assert parent.info.status == "FINISHED" and parent.data.tags["trials_failed"] == "1"
-    by_crashes = {c.data.params["testing.crash_attempts"]: c for c in children}
+    assert not any(key.startswith("testing") for c in children for key in c.data.params)
+    by_crashes = {c.data.params["seed"]: c for c in children}
     assert set(by_crashes) == {"1", "5"}
     recovered, failing = by_crashes["1"], by_crashes["5"]
     assert recovered.info.status == "FINISHED"
@@ -214,10 +225,10 @@ def test_asha_stops_a_poor_trial_early(tmp_path):
 def test_resume_after_the_driver_is_killed_reruns_only_unfinished_trials(tmp_path):
     # Short and long trials side by side: a short one finishes while a long one runs.
     grid = {"seed": [0, 1], "pipeline.iters": [4, 20], "env": ["Pendulum"]}
-    path = _sweep_file(tmp_path, "t-resume", grid, base=TINY_CEM,
-                       overrides={"testing.iteration_delay_s": 0.2})
+    path = _sweep_file(tmp_path, "t-resume", grid, base=TINY_CEM)
     trials = tmp_path / "sweeps" / "t-resume" / "trials"
-    process = start_gradgym(["sweep", str(path)], cwd=tmp_path, log_path=tmp_path / "first.log")
+    process = start_gradgym(["sweep", str(path)], cwd=tmp_path, log_path=tmp_path / "first.log",
+                            **_delay(0.2))
     try:
         finished_before = _wait(lambda: _finished_while_others_run(trials), timeout=400)
         os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray it started
@@ -255,12 +266,11 @@ def test_multi_node_sweep_survives_a_killed_worker_node(tmp_path, monkeypatch):
         cluster.wait_for_nodes()
         iters = 12
         grid = {"env": ["Pendulum", "CartPole"], "seed": [0, 1]}
-        path = _sweep_file(tmp_path, "t-cluster", grid, base=TINY_CEM, max_failures=2, overrides={
-            "pipeline.iters": iters, "testing.iteration_delay_s": 0.4,
-        })
+        path = _sweep_file(tmp_path, "t-cluster", grid, base=TINY_CEM, max_failures=2,
+                           overrides={"pipeline.iters": iters})
         trials = tmp_path / "sweeps" / "t-cluster" / "trials"
         process = start_gradgym(["sweep", str(path)], cwd=tmp_path, log_path=tmp_path / "sweep.log",
-                                RAY_ADDRESS=cluster.address)
+                                RAY_ADDRESS=cluster.address, **_delay(0.4))
         try:
             # 3 nodes with 1 CPU each: once 3 trials run, one of them runs on workers[0].
             _wait(lambda: _running(trials) >= 3, timeout=400)

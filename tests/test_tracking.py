@@ -12,15 +12,16 @@ from conftest import free_port, run_gradgym, start_gradgym, stop_process_group
 from mlflow import MlflowClient
 
 from gradgym.platform.config import compose_run_config
+from gradgym.platform.faults import FAULTS_VARIABLE
+from gradgym.platform.mlflow_tracking import MlflowTracker, resolve_tracking_uri
+from gradgym.platform.records import METRICS_FILE, TRACKING_FILE, MetricLog
 from gradgym.platform.runner import execute_run, settle_run
-from gradgym.platform.tracking import (
-    METRICS_FILE,
-    STATE_FILE,
-    MetricLog,
-    RunTracker,
-    TrackingError,
-    resolve_tracking_uri,
-)
+from gradgym.platform.tracking import RunIdentity, TrackingError
+
+
+def _delay(seconds: float) -> dict[str, str]:
+    """The environment of a run that sleeps ``seconds`` after every iteration."""
+    return {FAULTS_VARIABLE: json.dumps([{"iteration_delay_s": seconds}])}
 
 
 def _tracking_cfg(uri: str, experiment: str, **extra):
@@ -29,8 +30,9 @@ def _tracking_cfg(uri: str, experiment: str, **extra):
     return compose_run_config(items).tracking
 
 
-def _tracker(run_dir: Path, cfg) -> RunTracker:
-    return RunTracker(run_dir, cfg, run_name="unit", tags={"env": "Pendulum"}, params={"seed": "0"}).start()
+def _tracker(run_dir: Path, cfg) -> MlflowTracker:
+    identity = RunIdentity("unit", tags={"env": "Pendulum"}, params={"seed": "0"})
+    return MlflowTracker(run_dir, cfg, identity).start()
 
 
 def _metrics(step: int) -> dict[str, float]:
@@ -79,8 +81,8 @@ def test_params_iterations_and_final_metrics_share_requests_within_mlflow_limits
     # 250 params (MLflow takes 100 per request) and 300 iterations x 4 values (1000 entries
     # per request): every value arrives once, in a few requests.
     params = {f"p{i:03d}": str(i) for i in range(250)}
-    tracker = RunTracker(tmp_path / "run", _tracking_cfg(sqlite_uri, "limits"), run_name="limits",
-                         tags={"env": "Pendulum"}, params=params)
+    tracker = MlflowTracker(tmp_path / "run", _tracking_cfg(sqlite_uri, "limits"),
+                            RunIdentity("limits", tags={"env": "Pendulum"}, params=params))
     for step in range(300):
         tracker.log_iteration({**_metrics(step), "a": 1.0, "b": 2.0}, step)
     tracker.log_final({"best_return": 299.0, "final_return": 299.0}, 300)
@@ -126,8 +128,8 @@ def test_resending_after_a_lost_acknowledgement_adds_no_duplicate(tmp_path, sqli
         time.sleep(0.1)
     first.close()
     # The store has the points, but the acknowledgement "got lost": everything is resent.
-    state = json.loads((tmp_path / "run" / STATE_FILE).read_text())
-    (tmp_path / "run" / STATE_FILE).write_text(json.dumps(dict(state, acked=0)))
+    state = json.loads((tmp_path / "run" / TRACKING_FILE).read_text())
+    (tmp_path / "run" / TRACKING_FILE).write_text(json.dumps(dict(state, acked=0)))
 
     second = _tracker(tmp_path / "run", cfg)
     second.finish()
@@ -164,9 +166,9 @@ CEM_RUN = [
 
 def test_server_that_stays_away_fails_the_run_and_keeps_the_local_copy(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    result = run_gradgym(["run", *CEM_RUN, "pipeline.iters=60", "testing.iteration_delay_s=0.1",
+    result = run_gradgym(["run", *CEM_RUN, "pipeline.iters=60",
                           f"tracking.uri={dead}", "tracking.outage_limit_s=2",
-                          f"run_dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=120)
+                          f"run_dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=120, **_delay(0.1))
     assert result.returncode == 1, result.stderr
     assert "TrackingError" in result.stderr
     assert "unreachable for" in result.stderr and "tracking.outage_limit_s=2" in result.stderr
@@ -177,12 +179,13 @@ def test_server_that_stays_away_fails_the_run_and_keeps_the_local_copy(tmp_path)
     assert summary["status"] == "FAILED" and "TrackingError" in summary["error"]
 
 
-def test_a_run_folder_is_delivered_later_when_the_store_is_back(tmp_path, sqlite_uri):
+def test_a_run_folder_is_delivered_later_when_the_store_is_back(tmp_path, sqlite_uri, monkeypatch):
     """The store stayed away past the limit: the run failed, its folder holds everything,
     and settle_run delivers it once a store answers (and has nothing to do a second time)."""
     dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv(FAULTS_VARIABLE, _delay(0.3)[FAULTS_VARIABLE])
     cfg = compose_run_config([*CEM_RUN, "pipeline.iters=20", "pipeline.render=true",
-                              "testing.iteration_delay_s=0.3", f"tracking.uri={dead}",
+                              f"tracking.uri={dead}",
                               "tracking.outage_limit_s=2", f"run_dir={tmp_path / 'run'}",
                               "progress=false"])
     with pytest.raises(TrackingError):
@@ -208,10 +211,10 @@ def test_server_restart_mid_run_loses_and_duplicates_nothing(tmp_path, mlflow_se
     store: the run finishes and its MLflow history is complete, without gap or duplicate."""
     iters = 70
     process = start_gradgym(
-        ["run", *CEM_RUN, f"pipeline.iters={iters}", "testing.iteration_delay_s=0.5",
+        ["run", *CEM_RUN, f"pipeline.iters={iters}",
          f"tracking.uri={mlflow_server.uri}", "tracking.experiment=outage",
          "tracking.flush_every_s=0.5", f"run_dir={tmp_path / 'run'}"],
-        cwd=tmp_path, log_path=tmp_path / "run.log",
+        cwd=tmp_path, log_path=tmp_path / "run.log", **_delay(0.5),
     )
     client = MlflowClient(mlflow_server.uri)
     try:
@@ -249,7 +252,7 @@ def _wait_for_points(client: MlflowClient, experiment: str, minimum: int, timeou
 
 
 def _state(run_dir: Path) -> dict:
-    path = run_dir / STATE_FILE
+    path = run_dir / TRACKING_FILE
     return json.loads(path.read_text()) if path.exists() else {}
 
 

@@ -12,7 +12,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -74,8 +78,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from gradgym.platform.config import compose_run_config, default_run_layers, load_yaml
+    from gradgym.platform.mlflow_tracking import resolve_tracking_uri
     from gradgym.platform.runner import RunDirExistsError, default_run_dir, execute_run
-    from gradgym.platform.tracking import resolve_tracking_uri
 
     base = [load_yaml(args.config)] if args.config else default_run_layers()
     cfg = compose_run_config(*base, list(args.overrides))
@@ -119,26 +123,23 @@ def _print_run_summary(summary: dict) -> None:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from gradgym.platform.sweep import SweepFailed, resume_sweep, start_sweep
 
-    if args.resume:
-        if args.file is not None or args.overrides:
-            print("gradgym sweep --resume NAME takes no file or overrides: the sweep's saved "
-                  "config is used", file=sys.stderr)
-            return EXIT_CONFIG_ERROR
-        outcome = resume_sweep(args.resume)
-    else:
-        if args.file is None:
-            print("gradgym sweep: give a sweep file (e.g. configs/sweeps/backends.yaml) or "
-                  "--resume NAME", file=sys.stderr)
-            return EXIT_CONFIG_ERROR
-        if "=" in str(args.file):
-            print(f"gradgym sweep: the first argument is the sweep file, got {str(args.file)!r}",
-                  file=sys.stderr)
-            return EXIT_CONFIG_ERROR
-        try:
-            outcome = start_sweep(args.file, args.overrides)
-        except SweepFailed as err:
-            print(f"gradgym sweep: {err}", file=sys.stderr)
-            return 1
+    if args.resume and (args.file is not None or args.overrides):
+        print("gradgym sweep --resume NAME takes no file or overrides: the sweep's saved "
+              "config is used", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if not args.resume and args.file is None:
+        print("gradgym sweep: give a sweep file (e.g. configs/sweeps/backends.yaml) or "
+              "--resume NAME", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if not args.resume and "=" in str(args.file):
+        print(f"gradgym sweep: the first argument is the sweep file, got {str(args.file)!r}",
+              file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    try:
+        outcome = resume_sweep(args.resume) if args.resume else start_sweep(args.file, args.overrides)
+    except SweepFailed as err:
+        print(f"gradgym sweep: {err}", file=sys.stderr)
+        return 1
     print(outcome.describe())
     return 0 if outcome.all_finished else 1
 
@@ -146,23 +147,56 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- ui
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    import os
-    import subprocess
-
-    from gradgym.platform.tracking import is_server_uri, resolve_tracking_uri
+    from gradgym.platform.mlflow_tracking import is_server_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri()
     if is_server_uri(uri):
         print(f"MLFLOW_TRACKING_URI points to a tracking server: open {uri} in a browser")
         return 0
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: the dashboard will listen on {args.host}, reachable from other machines; "
+              "it has no login", file=sys.stderr)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                "--host", args.host, "--port", str(args.port), "--workers", "1"]
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    print(f"MLflow dashboard of {uri}: http://{args.host}:{args.port}  (Ctrl+C stops it)", flush=True)
+    print(f"MLflow dashboard of {uri}: http://{args.host}:{args.port}/#/experiments  "
+          "(runs of each sweep under its experiment; Ctrl+C stops it)", flush=True)
+    # Its own process group: the server's uvicorn workers are stopped with it, whatever
+    # ends this command (Ctrl+C, SIGTERM from a process manager, an error here).
+    server = subprocess.Popen(command, env=env, start_new_session=True)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        return subprocess.call(command, env=env)
+        return server.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop_group(server)
+
+
+def _stop_group(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """Stop a process started in its own session and everything in its group: SIGTERM,
+    then SIGKILL for whatever is still there after ``timeout_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _group_alive(process):
+            return
+        os.killpg(process.pid, sig)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _group_alive(process):
+            time.sleep(0.1)
+
+
+def _group_alive(process: subprocess.Popen) -> bool:
+    process.poll()  # reap the leader, so that it does not count as alive
+    try:
+        os.killpg(process.pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------- envs

@@ -2,8 +2,9 @@
 
 A run config is composed from *layers* — a base YAML (``configs/run.yaml``), a sweep's
 ``overrides``, one trial's grid values, command-line ``key=value`` items — each a mapping of
-(possibly dotted) run-config keys. ``pipeline=<name>`` (``trajectory``, ``policy``, ``cem``)
-selects the schema of the ``pipeline`` node, then every layer is merged on top of it::
+(possibly dotted) run-config keys. ``pipeline=<name>`` (any registered pipeline, see
+``gradgym.pipelines.registry``) selects the schema of the ``pipeline`` node, then every layer
+is merged on top of it::
 
     cfg = compose_run_config(["pipeline=trajectory", "env=Pendulum", "pipeline.iters=200"])
 
@@ -25,14 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from gradgym.envs import DTYPES, make, registered
-from gradgym.pipelines.config import PIPELINE_CONFIGS, validate_config
-
-# Pipelines that differentiate through the env, and the backends that can do it.
-GRADIENT_PIPELINES = ("trajectory", "policy")
-AUTODIFF_BACKENDS = ("jax", "torch")
-# Backends the pipelines run on (ivy is an interop boundary of the envs, not a pipeline backend).
-PIPELINE_BACKENDS = ("numpy",) + AUTODIFF_BACKENDS
-DEFAULT_PIPELINE = "trajectory"
+from gradgym.pipelines import get_pipeline, pipelines
+from gradgym.pipelines.config import PipelineConfigError
+from gradgym.pipelines.registry import DEFAULT_PIPELINE
 
 # The repository's configs/ folder (present in a source checkout or an editable install).
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -59,16 +55,6 @@ class TrackingConfig:
 
 
 @dataclass
-class TestingConfig:
-    """Fault-injection switches for tests; leave them off in real runs."""
-
-    # Raise halfway through each of the first N attempts of a run (1: crash on the first
-    # attempt, then succeed when retried; more than max_failures: keep failing).
-    crash_attempts: int = 0
-    iteration_delay_s: float = 0.0  # sleep after every iteration (stretches a run)
-
-
-@dataclass
 class RunConfig:
     """One pipeline run on one env, backend and seed (``gradgym run``, or one sweep trial)."""
 
@@ -76,14 +62,13 @@ class RunConfig:
     backend: str = "torch"
     dtype: str = "float32"
     seed: int = 0
-    # The selected pipeline's config (TrajectoryConfig, PolicyConfig or CEMConfig).
+    # The selected pipeline's config dataclass (the registry's ``PipelineSpec.config``).
     pipeline: Any = None
     env_kwargs: dict[str, Any] = field(default_factory=dict)  # task arguments, e.g. num_joints
     run_dir: Optional[str] = None  # None: runs/<pipeline>-<env>-<backend>-s<seed>-<time>
     torch_threads: int = 1  # torch intra-op threads; one trial per CPU wants 1
     progress: bool = True  # progress bar on the terminal
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    testing: TestingConfig = field(default_factory=TestingConfig)
 
 
 @dataclass
@@ -214,7 +199,7 @@ def compose_run_config(*layers: Layer) -> DictConfig:
     """
     flat_layers = [_as_flat(layer) for layer in layers]
     name = _selected_pipeline(flat_layers)
-    cfg = OmegaConf.structured(RunConfig(pipeline=PIPELINE_CONFIGS[name]()))
+    cfg = OmegaConf.structured(RunConfig(pipeline=get_pipeline(name).config()))
     for flat in flat_layers:
         flat = {("pipeline.name" if k == "pipeline" else k): v for k, v in flat.items()}
         cfg = _merge(cfg, _nest(flat))
@@ -229,8 +214,8 @@ def _selected_pipeline(flat_layers: list[dict[str, Any]]) -> str:
         for key in ("pipeline", "pipeline.name"):
             if key in flat:
                 name = flat[key]
-    if name not in PIPELINE_CONFIGS:
-        raise ConfigError(_bad_value("pipeline", name, PIPELINE_CONFIGS))
+    if name not in pipelines():
+        raise ConfigError(_bad_value("pipeline", name, pipelines()))
     return name
 
 
@@ -254,7 +239,7 @@ def _unknown_key_message(cfg: DictConfig, full_key: str) -> str:
     allowed = list(parent.keys()) if isinstance(parent, DictConfig) else []
     where = f" of {parent_key!r}" if parent_key else ""
     if parent_key == "pipeline":
-        names = {schema: name for name, schema in PIPELINE_CONFIGS.items()}
+        names = {spec.config: name for name, spec in pipelines().items()}
         where = f" of the {names.get(OmegaConf.get_type(parent), '?')!r} pipeline"
     close = difflib.get_close_matches(leaf, allowed, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -284,26 +269,25 @@ def validate_run_config(cfg: DictConfig) -> None:
     envs = registered()
     if cfg.env not in envs:
         raise ConfigError(_bad_value("env", cfg.env, sorted(envs)))
-    entry = envs[cfg.env]
-    backends = [b for b in entry.backends if b in PIPELINE_BACKENDS]
-    if cfg.backend not in backends:
-        raise ConfigError(_bad_value("backend", cfg.backend, backends))
+    spec = get_pipeline(cfg.pipeline.name)
+    every_pipeline = sorted({b for s in pipelines().values() for b in s.backends})
+    env_backends = [b for b in registered()[cfg.env].backends if b in every_pipeline]
+    if cfg.backend not in env_backends:
+        raise ConfigError(_bad_value("backend", cfg.backend, env_backends))
     if cfg.dtype not in DTYPES:
         raise ConfigError(_bad_value("dtype", cfg.dtype, DTYPES))
-    name = cfg.pipeline.name
-    if name in GRADIENT_PIPELINES and cfg.backend not in AUTODIFF_BACKENDS:
+    if cfg.backend not in spec.backends:
+        why = " needs gradients" if spec.needs_gradients else " does not run there"
+        others = [n for n, s in pipelines().items() if cfg.backend in s.backends]
         raise ConfigError(
-            f"invalid value {cfg.backend!r} for 'backend': the {name!r} pipeline needs gradients; "
-            f"allowed: {', '.join(AUTODIFF_BACKENDS)} (or pipeline=cem, which runs on every backend)"
+            f"invalid value {cfg.backend!r} for 'backend': the {spec.name!r} pipeline{why}; "
+            f"allowed: {', '.join(spec.backends)} (or "
+            f"{' / '.join(f'pipeline={n}' for n in others)}, which run on {cfg.backend})"
         )
     _check_pipeline_values(cfg)
     _check_env_kwargs(cfg)
-    for key in ("torch_threads",):
-        if cfg[key] < 1:
-            raise ConfigError(f"invalid value {cfg[key]!r} for {key!r}; allowed: an int >= 1")
-    for key in ("crash_attempts", "iteration_delay_s"):
-        if cfg.testing[key] < 0:
-            raise ConfigError(f"invalid value {cfg.testing[key]!r} for 'testing.{key}'; allowed: >= 0")
+    if cfg.torch_threads < 1:
+        raise ConfigError(f"invalid value {cfg.torch_threads!r} for 'torch_threads'; allowed: an int >= 1")
     for key in ("flush_every_s", "outage_limit_s", "request_timeout_s"):
         if not cfg.tracking[key] > 0:
             raise ConfigError(f"invalid value {cfg.tracking[key]!r} for 'tracking.{key}'; allowed: > 0")
@@ -311,10 +295,11 @@ def validate_run_config(cfg: DictConfig) -> None:
 
 def _check_pipeline_values(cfg: DictConfig) -> None:
     try:
-        validate_config(cfg.pipeline, cfg.pipeline.name)
-    except ValueError as err:
-        # The pipelines name fields "<pipeline>.<field>"; users write "pipeline.<field>".
-        raise ConfigError(str(err).replace(f"{cfg.pipeline.name}.", "pipeline.", 1)) from None
+        OmegaConf.to_object(cfg.pipeline).validate()
+    except PipelineConfigError as err:
+        raise ConfigError(
+            f"pipeline.{err.field}={err.value!r} is invalid; allowed: {err.allowed}"
+        ) from None
 
 
 def _check_env_kwargs(cfg: DictConfig) -> None:
@@ -466,18 +451,34 @@ def validate_sweep_config(cfg: DictConfig) -> None:
             f"invalid resources cpus_per_trial={cfg.cpus_per_trial}, gpus_per_trial={cfg.gpus_per_trial}; "
             "allowed: cpus_per_trial > 0, gpus_per_trial >= 0"
         )
-    space = search_space(cfg)
-    draw = _representative_draw(space)
-    base = flatten(OmegaConf.to_container(cfg.overrides, resolve=True))
+    trials = trial_run_configs(cfg)
+    if cfg.scheduler == "asha":
+        # The metric every trial's pipeline reports.
+        names = {trial.pipeline.name for trial in trials}
+        allowed = [m for m in get_pipeline(names.pop()).iteration_metrics
+                   if all(m in get_pipeline(n).iteration_metrics for n in names)]
+        if cfg.asha.metric not in allowed:
+            raise ConfigError(_bad_value("asha.metric", cfg.asha.metric, allowed))
+
+
+def trial_run_configs(cfg: DictConfig) -> list[DictConfig]:
+    """The run config of every grid point (search-space keys at a representative draw).
+
+    Raises:
+        ConfigError: a trial's config is invalid (the message names the trial).
+    """
+    draw = _representative_draw(search_space(cfg))
+    base = sweep_base_layer(cfg)
+    composed = []
     for layer in trial_layers(cfg):
         try:
-            compose_run_config(base, layer, draw)
+            composed.append(compose_run_config(base, layer, draw))
         except ConfigError as err:
             where = ", ".join(f"{k}={v}" for k, v in layer.items()) or "every trial"
             raise ConfigError(f"sweep {cfg.name!r}, trial {where}: {err}") from None
-    if cfg.scheduler == "asha":
-        from gradgym.pipelines.base import EVAL_METRIC, ITERATION_METRICS
+    return composed
 
-        allowed = ITERATION_METRICS + (EVAL_METRIC,)
-        if cfg.asha.metric not in allowed:
-            raise ConfigError(_bad_value("asha.metric", cfg.asha.metric, allowed))
+
+def sweep_base_layer(cfg: DictConfig) -> dict[str, Any]:
+    """The sweep's ``overrides`` as a layer of dotted run-config keys (every trial's base)."""
+    return flatten(OmegaConf.to_container(cfg.overrides, resolve=True))

@@ -5,7 +5,7 @@ A sweep lives in ``<storage>/<name>/``::
     sweep.yaml       the resolved sweep config (what --resume runs again)
     parent.json      the MLflow parent run of the sweep
     tune/            Ray Tune's experiment state (Tuner.restore resumes from it)
-    trials/<id>/     one run folder per trial (see gradgym.platform.runner)
+    trials/<id>/     one run folder per trial (see gradgym.platform.records)
     summary.csv      one row per trial
     comparison.png   backends compared: return vs iteration, time per iteration
 
@@ -27,34 +27,28 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gradgym.platform import mlflow_tracking
 from gradgym.platform.config import (
     ConfigError,
+    compose_run_config,
     flatten,
     grid_axes,
     load_sweep_config,
     search_space,
+    sweep_base_layer,
     trial_layers,
 )
+from gradgym.platform.faults import FAULTS_VARIABLE
+from gradgym.platform.records import RunRecord, read_json, write_json
 from gradgym.platform.runner import settle_run
-from gradgym.platform.tracking import (
-    METRICS_FILE,
-    STATE_FILE,
-    configure_http,
-    ensure_experiment,
-    is_transient,
-    read_json,
-    read_jsonl,
-    resolve_tracking_uri,
-    tracking_client,
-    write_json,
-)
+from gradgym.platform.tracking import TrackingError
 
 SWEEP_FILE = "sweep.yaml"
 PARENT_FILE = "parent.json"
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
-# Keys every trial's label leaves out: they are the plot's columns, lines and spread.
-_NOT_IN_LABEL = ("env", "backend", "seed")
+# Keys every trial's run name starts with; the plot's columns, lines and spread.
+_NAMED_FIRST = ("env", "backend", "seed")
 # Local Ray: Tune passes only small results around, a big object store is wasted memory.
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
 # Jax (XLA) in a trial: one thread per trial, like torch_threads.
@@ -146,8 +140,10 @@ def resume_sweep(name: str, *, storage: str = "sweeps") -> SweepOutcome:
     cfg = load_sweep_config(sweep_dir / SWEEP_FILE)
     parent = read_json(sweep_dir / PARENT_FILE)  # {} when the sweep logs nothing to MLflow
     if parent:
-        _retry_store(lambda: tracking_client(parent["uri"]).update_run(parent["run_id"], status="RUNNING"),
-                     _outage_limit(cfg))
+        try:
+            mlflow_tracking.reopen_run(parent, _trial_tracking(cfg).outage_limit_s)
+        except TrackingError as err:
+            raise SweepFailed(f"cannot reopen the sweep's MLflow run: {err}") from err
     return _run(cfg, sweep_dir, parent, restore=True)
 
 
@@ -168,63 +164,28 @@ def _with_name(cfg: DictConfig, name: str) -> DictConfig:
 
 # ---------------------------------------------------------------------- tracking (driver)
 
-def _base_layer(cfg: DictConfig) -> dict[str, Any]:
-    return flatten(OmegaConf.to_container(cfg.overrides, resolve=True))
-
-
-def _tracking_settings(cfg: DictConfig) -> DictConfig:
-    """The tracking config every trial gets (composed from the sweep's overrides)."""
-    from gradgym.platform.config import compose_run_config
-
-    return compose_run_config(_base_layer(cfg)).tracking
-
-
-def _outage_limit(cfg: DictConfig) -> float:
-    return float(_tracking_settings(cfg).outage_limit_s)
+def _trial_tracking(cfg: DictConfig, parent: Mapping[str, Any] | None = None) -> DictConfig:
+    """The tracking config every trial gets (the sweep's overrides, and the parent's store)."""
+    placement = {"tracking.uri": parent["uri"], "tracking.experiment": parent["experiment"]} if parent else {}
+    return compose_run_config(sweep_base_layer(cfg), placement).tracking
 
 
 def _create_parent_run(cfg: DictConfig, sweep_dir: Path) -> dict[str, Any]:
-    tracking = _tracking_settings(cfg)
+    tracking = _trial_tracking(cfg)
     if not tracking.enabled:
         return {}
-    uri = resolve_tracking_uri(tracking.uri)
-    configure_http(tracking.request_timeout_s)
-    experiment = cfg.experiment or cfg.name
-    client = tracking_client(uri)
-
-    def create() -> dict[str, Any]:
-        experiment_id = ensure_experiment(client, experiment)
-        run = client.create_run(experiment_id, run_name=cfg.name,
-                                tags={"sweep": cfg.name, "gradgym.kind": "sweep"})
-        return {"run_id": run.info.run_id, "experiment_id": experiment_id, "uri": uri,
-                "experiment": experiment}
-
+    uri = mlflow_tracking.resolve_tracking_uri(tracking.uri)
+    mlflow_tracking.configure_http(tracking.request_timeout_s)
+    params = flatten(OmegaConf.to_container(cfg, resolve=True))
     try:
-        # Fail before Ray starts if the store cannot be reached at all.
-        parent = _retry_store(create, min(30.0, tracking.outage_limit_s))
-    except Exception as err:
+        # Fail before any trial if the store cannot be reached at all.
+        parent = mlflow_tracking.create_parent_run(
+            uri, cfg.experiment or cfg.name, cfg.name, params, [sweep_dir / SWEEP_FILE],
+            limit_s=min(30.0, tracking.outage_limit_s))
+    except TrackingError as err:
         raise SweepFailed(f"cannot reach the MLflow tracking store {uri}: {err}") from err
-    from mlflow.entities import Param
-
-    params = {k: str(v)[:6000] for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
-    items = [Param(k, v) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(parent["run_id"], params=items[i:i + 100])
-    client.log_artifact(parent["run_id"], str(sweep_dir / SWEEP_FILE))
     write_json(sweep_dir / PARENT_FILE, parent)
     return parent
-
-
-def _retry_store(action: Any, limit_s: float) -> Any:
-    """Run ``action`` until it succeeds, retrying transient store errors for ``limit_s``."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        try:
-            return action()
-        except Exception as err:
-            if not is_transient(err) or time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)
 
 
 # ---------------------------------------------------------------------- Ray Tune
@@ -238,17 +199,18 @@ def _run(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any] | Future, r
     try:
         if isinstance(parent, Future):
             parent = parent.result()
-        constants = {
-            "name": cfg.name,
-            "sweep_dir": str(sweep_dir),
-            "base": _base_layer(cfg),
-            "tracking_uri": parent.get("uri"),
-            "experiment": parent.get("experiment"),
-            "parent_run_id": parent.get("run_id"),
-            "report_every_s": float(cfg.tune_report_every_s),
-        }
+        context = SweepContext(
+            name=cfg.name,
+            sweep_dir=str(sweep_dir),
+            base=sweep_base_layer(cfg),
+            named_keys=_swept_keys(cfg),
+            tracking_uri=parent.get("uri"),
+            experiment=parent.get("experiment"),
+            parent_run_id=parent.get("run_id"),
+            report_every_s=float(cfg.tune_report_every_s),
+        )
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, sweep=constants),
+            tune.with_parameters(run_trial, sweep=context),
             {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial},
         )
         if restore:
@@ -297,6 +259,24 @@ def _trial_name(trial: Any) -> str:
     return f"{values}_{number}" if values else trial.trial_id
 
 
+def _swept_keys(cfg: DictConfig) -> list[str]:
+    """The run-config keys that vary between trials (grid and search), env/backend/seed first."""
+    keys = list(grid_axes(cfg)) + list(search_space(cfg))
+    return [k for k in _NAMED_FIRST if k in keys] + [k for k in keys if k not in _NAMED_FIRST]
+
+
+def trial_run_name(cfg: DictConfig, swept: Sequence[str]) -> str:
+    """A trial's readable run name: env, backend, seed and every other swept value, e.g.
+    ``Pendulum jax s1 lr=0.03`` (a dotted key by its last part)."""
+    parts = [str(cfg.env), str(cfg.backend), f"s{cfg.seed}"]
+    for key in swept:
+        if key not in _NAMED_FIRST:
+            value = OmegaConf.select(cfg, key)
+            parts.append(f"{key.rsplit('.', 1)[-1]}={value:.4g}" if isinstance(value, float)
+                         else f"{key.rsplit('.', 1)[-1]}={value}")
+    return " ".join(parts)
+
+
 def _init_ray(cfg: DictConfig) -> bool:
     """Connect to ``$RAY_ADDRESS`` or start a local Ray on 127.0.0.1; True if started here."""
     import ray
@@ -304,6 +284,8 @@ def _init_ray(cfg: DictConfig) -> bool:
     if ray.is_initialized():
         return False
     env_vars = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", TRIAL_XLA_FLAGS)}
+    if os.environ.get(FAULTS_VARIABLE):  # tests' fault injection reaches every worker
+        env_vars[FAULTS_VARIABLE] = os.environ[FAULTS_VARIABLE]
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env_vars})  # that cluster, unchanged
         return True
@@ -349,9 +331,7 @@ def _scheduler(cfg: DictConfig) -> Any:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    from gradgym.platform.config import compose_run_config
-
-    iters = compose_run_config(_base_layer(cfg)).pipeline.iters
+    iters = compose_run_config(sweep_base_layer(cfg)).pipeline.iters
     # max_t past the last iteration: ASHA stops a trial *at* max_t, which would cut a
     # trial that is finishing anyway.
     return ASHAScheduler(time_attr="iteration", metric=cfg.asha.metric, mode=cfg.asha.mode,
@@ -362,44 +342,52 @@ def _scheduler(cfg: DictConfig) -> Any:
 
 # ---------------------------------------------------------------------- one trial
 
-def run_trial(config: dict[str, Any], sweep: Mapping[str, Any]) -> None:
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of a sweep is told by the driver."""
+
+    name: str
+    sweep_dir: str
+    base: dict[str, Any]  # the sweep's overrides: run-config keys of every trial
+    named_keys: list[str]  # the swept keys, for readable run names
+    tracking_uri: str | None  # None: the sweep logs nothing to MLflow
+    experiment: str | None
+    parent_run_id: str | None
+    report_every_s: float
+
+
+def run_trial(config: dict[str, Any], sweep: SweepContext) -> None:
     """The Tune trainable: compose the trial's run config and execute it.
 
-    ``config`` holds this trial's grid/search values (run-config keys); ``sweep`` the
-    sweep-wide settings. A trial folder that already holds a finished run (the driver died
-    after the trial finished, before Tune recorded it) is reported, not run again.
+    ``config`` holds this trial's grid/search values (run-config keys). A trial folder that
+    already holds a finished run (the driver died after the trial finished, before Tune
+    recorded it) is reported, not run again.
     """
     from ray import tune
 
-    from gradgym.platform.config import compose_run_config
     from gradgym.platform.runner import execute_run
 
     trial_id = tune.get_context().get_trial_id()
-    run_dir = Path(sweep["sweep_dir"]) / TRIALS_DIR / trial_id
-    placement = {"run_dir": str(run_dir), "progress": False}
-    if sweep["tracking_uri"]:
-        placement.update({"tracking.uri": sweep["tracking_uri"], "tracking.experiment": sweep["experiment"]})
+    record = RunRecord(Path(sweep.sweep_dir) / TRIALS_DIR / trial_id)
+    placement: dict[str, Any] = {"run_dir": str(record.folder), "progress": False}
+    if sweep.tracking_uri:
+        placement.update({"tracking.uri": sweep.tracking_uri, "tracking.experiment": sweep.experiment})
     drawn = {key: value for key, value in config.items() if key != GRID_PARAM}
-    cfg = compose_run_config(sweep["base"], config.get(GRID_PARAM, {}), drawn, placement)
+    cfg = compose_run_config(sweep.base, config.get(GRID_PARAM, {}), drawn, placement)
 
-    summary = _finished_summary(run_dir)
+    summary = record.finished_summary()
     if summary is None:
-        reporter = _TuneReporter(sweep["report_every_s"])
-        summary = execute_run(cfg, resume=True, parent_run_id=sweep["parent_run_id"],
-                              sweep=sweep["name"], run_name=trial_id, on_iteration=reporter)
+        reporter = _TuneReporter(sweep.report_every_s)
+        summary = execute_run(cfg, resume=True, parent_run_id=sweep.parent_run_id, sweep=sweep.name,
+                              run_name=trial_run_name(cfg, sweep.named_keys), on_iteration=reporter)
     # The last value of every metric (schedulers expect theirs in every result) and the summary.
     last: dict[str, Any] = {}
-    for entry in _read_jsonl(run_dir / METRICS_FILE):
+    for entry in record.read_metrics():
         last.update(entry)
     last.pop("timestamp_ms", None)
     final = {k: v for k, v in {**last, **summary}.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tune.report({**final, "iteration": summary["iterations"], "finished": 1})
-
-
-def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
-    summary = read_json(run_dir / "summary.json")
-    return summary if summary.get("status") == "FINISHED" else None
 
 
 class _TuneReporter:
@@ -431,65 +419,44 @@ def _finish(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any], results
         # Deliver what trials could not before their process ended (killed, stopped while
         # closing, out of retries): unsent iterations, artifacts, the end of their run.
         tracking = _trial_tracking(cfg, parent)
+        swept = _swept_keys(cfg)
         for row in rows:
-            settle_run(sweep_dir / TRIALS_DIR / row["trial"], tracking, status=row["status"],
-                       error=row.get("error"), parent_run_id=parent["run_id"], sweep=cfg.name,
-                       run_name=row["trial"])
-        _close_parent(parent, sweep_dir, rows, tracking.outage_limit_s, interrupted=outcome.interrupted)
+            record = RunRecord(sweep_dir / TRIALS_DIR / row["trial"])
+            name = trial_run_name(record.read_config(), swept) if record.started() else row["trial"]
+            settle_run(record.folder, tracking, status=row["status"], error=row.get("error"),
+                       parent_run_id=parent["run_id"], sweep=cfg.name, run_name=name)
+        failed = sum(row["status"] == "FAILED" for row in rows)
+        mlflow_tracking.close_parent_run(
+            parent, [sweep_dir / "summary.csv", sweep_dir / "comparison.png"],
+            {"trials": str(len(rows)), "trials_failed": str(failed)},
+            "UNFINISHED" if outcome.interrupted else "FINISHED", tracking.outage_limit_s)
     return outcome
-
-
-def _trial_tracking(cfg: DictConfig, parent: Mapping[str, Any]) -> DictConfig:
-    from gradgym.platform.config import compose_run_config
-
-    placement = {"tracking.uri": parent["uri"], "tracking.experiment": parent["experiment"]}
-    return compose_run_config(_base_layer(cfg), placement).tracking
 
 
 def _collect(cfg: DictConfig, sweep_dir: Path, results: Any) -> tuple[list[dict], list[dict]]:
     """One summary row per trial and the iteration histories of the finished ones."""
-    swept = [k for k in list(grid_axes(cfg)) + list(search_space(cfg)) if k not in _NOT_IN_LABEL]
+    swept = [k for k in _swept_keys(cfg) if k not in _NAMED_FIRST]
     rows, curves = [], []
     for result in results:
         trial = Path(result.path).name
-        run_dir = sweep_dir / TRIALS_DIR / trial
-        summary = read_json(run_dir / "summary.json")
-        state = read_json(run_dir / STATE_FILE)
+        record = RunRecord(sweep_dir / TRIALS_DIR / trial)
+        summary = record.read_summary()
+        tracking_state = record.read_tracking_state()
         trial_values = {**result.config.get(GRID_PARAM, {}), **result.config}
         values = {key: trial_values.get(key) for key in swept}
         status = summary.get("status", "UNFINISHED")  # never ran, or interrupted
         if result.error is not None:
             status = "FAILED"
         row = {"trial": trial, **summary, "status": status, **values,
-               "mlflow_run_id": state.get("run_id", summary.get("mlflow_run_id", "")),
+               "mlflow_run_id": tracking_state.get("run_id", summary.get("mlflow_run_id", "")),
                "trial_time_s": result.metrics.get("time_total_s")}  # all of it, per Tune
         if result.error is not None:
             row["error"] = f"{type(result.error).__name__}: {result.error}"[:2000]
         rows.append(row)
-        history = _read_jsonl(run_dir / METRICS_FILE)
+        history = record.read_metrics()
         if status in ("FINISHED", "STOPPED") and history and "env" in summary:
             label = " ".join([summary["backend"]] + [f"{k}={v}" for k, v in values.items()])
             curves.append({"env": summary["env"], "backend": summary["backend"], "label": label,
                            "history": history})
     rows.sort(key=lambda row: row["trial"])
     return rows, curves
-
-
-def _close_parent(parent: Mapping[str, Any], sweep_dir: Path, rows: list[dict], limit_s: float,
-                  interrupted: bool) -> None:
-    """Log the sweep's artifacts and end the parent run (KILLED if trials are left to resume)."""
-    client = tracking_client(parent["uri"])
-
-    def close() -> None:
-        for name in ("summary.csv", "comparison.png"):
-            client.log_artifact(parent["run_id"], str(sweep_dir / name))
-        failed = sum(row["status"] == "FAILED" for row in rows)
-        client.set_tag(parent["run_id"], "trials", str(len(rows)))
-        client.set_tag(parent["run_id"], "trials_failed", str(failed))
-        client.set_terminated(parent["run_id"], status="KILLED" if interrupted else "FINISHED")
-
-    _retry_store(close, limit_s)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return read_jsonl(path) if path.is_file() else []

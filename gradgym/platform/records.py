@@ -1,0 +1,200 @@
+"""Run records: the one module that knows a run folder's layout.
+
+A run folder (``gradgym run``'s ``runs/<name>/``, or a sweep trial's ``trials/<id>/``)::
+
+    config.yaml          the resolved run config
+    metrics.jsonl        one JSON object per iteration: iteration, timestamp_ms, metrics
+                         (append-only; also the durable buffer of what a tracker has not sent)
+    summary.json         status, final and best return, compile and wall time, tracker run id
+    video_initial.gif    the first start state's trajectory before optimization
+    video_best.gif       the best trajectory found
+    gradients/*.png      gradient histograms
+    tracking.json        the tracker's own state (e.g. the MLflow run id, what it acknowledged)
+    attempts             how many times this run has started (retries of a trial)
+
+Everything else reads and writes these files through :class:`RunRecord`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+TRACKING_FILE = "tracking.json"
+ATTEMPTS_FILE = "attempts"
+GRADIENTS_DIR = "gradients"
+VIDEO_KEYS = ("video_initial", "video_best")  # a pipeline's video artifacts, saved as <key>.gif
+
+
+class RunRecord:
+    """A run folder, read and written only through these methods."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def config_path(self) -> Path:
+        return self.folder / CONFIG_FILE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.folder / METRICS_FILE
+
+    @property
+    def summary_path(self) -> Path:
+        return self.folder / SUMMARY_FILE
+
+    @property
+    def tracking_path(self) -> Path:
+        return self.folder / TRACKING_FILE
+
+    def video_path(self, key: str) -> Path:
+        """Where the video artifact ``key`` (one of ``VIDEO_KEYS``) is saved."""
+        return self.folder / f"{key}.gif"
+
+    def gradient_path(self, step: int) -> Path:
+        """Where the gradient histogram of iteration ``step`` is saved (folder created)."""
+        folder = self.folder / GRADIENTS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"step_{step:06d}.png"
+
+    # ------------------------------------------------------------------ state
+    def started(self) -> bool:
+        """Whether a run has started in this folder (its config is written)."""
+        return self.config_path.is_file()
+
+    def holds_run(self) -> bool:
+        """Whether this folder already holds a run's iterations."""
+        return self.metrics_path.exists()
+
+    def create(self) -> RunRecord:
+        """Make the folder (and its parents) if needed."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def write_config(self, cfg: DictConfig) -> Path:
+        self.config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        return self.config_path
+
+    def read_config(self) -> DictConfig:
+        return OmegaConf.load(self.config_path)
+
+    def count_attempt(self) -> int:
+        """Record one more start of this run; returns its number (1 for the first)."""
+        attempt = self.attempts() + 1
+        (self.folder / ATTEMPTS_FILE).write_text(str(attempt))
+        return attempt
+
+    def attempts(self) -> int:
+        """How many times this run has started."""
+        marker = self.folder / ATTEMPTS_FILE
+        return int(marker.read_text() or 0) if marker.exists() else 0
+
+    def read_summary(self) -> dict[str, Any]:
+        """``summary.json``, or ``{}`` if the run has not written one."""
+        return read_json(self.summary_path)
+
+    def write_summary(self, summary: Mapping[str, Any]) -> Path:
+        write_json(self.summary_path, summary)
+        return self.summary_path
+
+    def finished_summary(self) -> dict[str, Any] | None:
+        """The summary of a run that finished, else ``None``."""
+        summary = self.read_summary()
+        return summary if summary.get("status") == "FINISHED" else None
+
+    def metric_log(self) -> MetricLog:
+        """The iteration log, opened for appending."""
+        return MetricLog(self.metrics_path)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The logged iterations (``[]`` when there are none)."""
+        return read_jsonl(self.metrics_path) if self.metrics_path.is_file() else []
+
+    def read_tracking_state(self) -> dict[str, Any]:
+        return read_json(self.tracking_path)
+
+    def write_tracking_state(self, state: Mapping[str, Any]) -> None:
+        write_json(self.tracking_path, state)
+
+    def artifacts(self) -> list[tuple[Path, str | None]]:
+        """Every file a tracker uploads, as ``(path, folder in the run's artifacts)``."""
+        files: list[tuple[Path, str | None]] = []
+        files += [(path, None) for path in sorted(self.folder.glob("*.yaml"))]
+        files += [(path, None) for path in sorted(self.folder.glob("*.gif"))]
+        files += [(path, GRADIENTS_DIR) for path in sorted(self.folder.glob(f"{GRADIENTS_DIR}/*.png"))]
+        files += [(path, None) for path in (self.summary_path, self.metrics_path) if path.is_file()]
+        return files
+
+
+# ---------------------------------------------------------------------- files
+
+class MetricLog:
+    """A run folder's ``metrics.jsonl``: append-only, one JSON object per iteration.
+
+    Each line holds ``iteration``, ``timestamp_ms`` and the metrics. A line torn by a killed
+    process is dropped when the file is read back.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.entries: list[dict[str, Any]] = []
+        if self.path.exists():
+            self.entries = read_jsonl(self.path)
+            # Rewrite without a torn last line, so that appends start on a fresh line.
+            _write_jsonl(self.path, self.entries)
+        self.steps = {entry["iteration"] for entry in self.entries}
+
+    def append(self, step: int, metrics: Mapping[str, float], timestamp_ms: int) -> bool:
+        """Append one iteration; ``False`` (nothing written) if ``step`` is already logged."""
+        if step in self.steps:
+            return False
+        entry = {"iteration": int(step), "timestamp_ms": int(timestamp_ms)}
+        entry.update({key: float(value) for key, value in metrics.items()})
+        with self.path.open("a") as file:
+            file.write(json.dumps(entry) + "\n")
+        self.entries.append(entry)
+        self.steps.add(step)
+        return True
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file, up to a torn last line (if any)."""
+    entries = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a torn last line
+    return entries
+
+
+def _write_jsonl(path: Path, entries: Iterable[Mapping[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file's object, or ``{}`` if it is missing or half written."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def write_json(path: Path, content: Mapping[str, Any]) -> None:
+    """Write ``content`` as JSON atomically (a reader never sees half a file)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
