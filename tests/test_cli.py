@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import shutil
+import signal
 import subprocess
 import time
 
@@ -142,6 +143,40 @@ def test_ui_serves_the_local_store_on_loopback_only(tmp_path):
         assert addresses and all(ipaddress.ip_address(a.removeprefix("::ffff:")).is_loopback
                                  for a in addresses), addresses
         assert (tmp_path / "mlflow.db").exists()  # the local store of the working directory
+    finally:
+        stop_process_group(process)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_ui_stops_everything_it_started_on_a_signal(tmp_path, stop_signal):
+    """A process manager's SIGTERM (or Ctrl+C) to ``gradgym ui`` alone, not to its group:
+    the MLflow server and its workers go too, and nothing listens on the port after."""
+    port = free_port()
+    process = subprocess.Popen(
+        [shutil.which("gradgym"), "ui", "--port", str(port)], cwd=tmp_path, env=clean_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not _answers(port):
+            assert process.poll() is None, process.stdout.read().decode()[-2000:]
+            time.sleep(0.5)
+        assert _answers(port), "the dashboard did not come up"
+        started = {process.pid} | {c.pid for c in psutil.Process(process.pid).children(recursive=True)}
+        assert len(started) >= 2, "the server runs in processes of its own"
+        process.send_signal(stop_signal)  # to the command only, as `kill PID` does
+        assert process.wait(timeout=60) == 0
+        output = process.stdout.read().decode()
+        assert f"http://127.0.0.1:{port}/#/experiments" in output, output[-2000:]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(psutil.pid_exists(pid) for pid in started - {process.pid}):
+            time.sleep(0.2)
+        left = [pid for pid in started - {process.pid} if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        assert not left, f"processes left running: {left}"
+        listening = {c.laddr.port for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        assert port not in listening
     finally:
         stop_process_group(process)
 

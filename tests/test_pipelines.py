@@ -24,8 +24,8 @@ from gradgym.pipelines import (
     TrajectoryConfig,
     _numpy,
     cem,
-    policy,
     get_pipeline,
+    policy,
     run_pipeline,
     trajectory,
 )

@@ -79,6 +79,12 @@ def _check_sweep(client: MlflowClient, name: str, sweep_dir: Path, tmp_path: Pat
     assert len(children) == 8
     combos = {(c.data.tags["env"], c.data.tags["backend"], c.data.tags["seed"]) for c in children}
     assert combos == {(e, b, str(s)) for e in GRID["env"] for b in GRID["backend"] for s in GRID["seed"]}
+    # The dashboard: the experiment opens on MLflow's training-runs view, and every child's
+    # name says which env, backend and seed it is.
+    experiment = client.get_experiment_by_name(name)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    names = {c.info.run_name for c in children}
+    assert names == {f"{e} {b} s{s}" for e in GRID["env"] for b in GRID["backend"] for s in GRID["seed"]}
     for child in children:
         tags, run_id = child.data.tags, child.info.run_id
         assert child.info.status == "FINISHED"
