@@ -58,10 +58,20 @@ class Walker2d(MujocoTask):
             inside(xp, state.qpos[..., 2], self.healthy_angle_range),
         )
 
-    def reward(self, xp: Any, state: MujocoState) -> Any:
+    def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
         forward = self.forward_reward_weight * state.x_velocity
-        alive = self.healthy_reward * indicator(xp, self.healthy(xp, state), forward)
-        return forward + alive - control_cost(xp, state.ctrl, self.ctrl_cost_weight)
+        return {
+            "reward_forward": forward,
+            "reward_survive": self.healthy_reward * indicator(xp, self.healthy(xp, state), forward),
+            "reward_ctrl": -control_cost(xp, state.ctrl, self.ctrl_cost_weight),
+        }
+
+    def info(self, xp: Any, state: MujocoState, previous: MujocoState | None = None) -> dict[str, Any]:
+        info = {
+            "x_position": state.qpos[..., 0],
+            "z_distance_from_origin": state.qpos[..., 1] - float(self.physics.model.qpos0[1]),
+        }
+        return info if previous is None else {**info, "x_velocity": state.x_velocity}
 
     def terminated(self, backend: Backend, state: MujocoState) -> Any:
         xp = backend.xp
