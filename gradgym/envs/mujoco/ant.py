@@ -28,6 +28,7 @@ from gradgym.envs.mujoco.base import (
     Camera,
     MujocoState,
     MujocoTask,
+    per_state,
     control_cost,
     indicator,
     inside,
@@ -90,6 +91,7 @@ class Ant(MujocoTask):
             parts.append(xp.reshape(forces, tuple(forces.shape[:-2]) + (-1,)))
         return xp.concat(parts, axis=-1)
 
+    @per_state
     def healthy(self, xp: Any, state: MujocoState) -> Any:
         """Whether the state is finite and the torso within ``healthy_z_range``."""
         finite = xp.logical_and(

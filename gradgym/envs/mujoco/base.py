@@ -227,6 +227,25 @@ def control_cost(xp: Any, ctrl: Any, weight: float) -> Any:
     return weight * xp.sum(ctrl * ctrl, axis=-1)
 
 
+def per_state(method: Any) -> Any:
+    """Memoize ``method(self, xp, state)`` for the last ``state`` -- only where the
+    namespace asks for it (``xp.memoize``: the single-env Gymnasium path, which asks the
+    reward and the termination of the same state); the functional backends never cache."""
+
+    @functools.wraps(method)
+    def cached(self: Any, xp: Any, state: Any) -> Any:
+        if not getattr(xp, "memoize", False):
+            return method(self, xp, state)
+        memo = self.__dict__.get("_memo")  # holds the state, so its id is not reused
+        if memo is not None and memo[0] is state and memo[1] is method:
+            return memo[2]
+        result = method(self, xp, state)
+        object.__setattr__(self, "_memo", (state, method, result))
+        return result
+
+    return cached
+
+
 def sum_terms(terms: dict[str, Any]) -> Any:
     """The sum of the values of ``terms``, left to right (a fixed order keeps it exact)."""
     values = iter(terms.values())

@@ -22,6 +22,7 @@ the current state, so a differentiable rollout can start where the Gymnasium env
 from __future__ import annotations
 
 import inspect
+import types
 from typing import Any, ClassVar
 
 import gymnasium
@@ -31,7 +32,6 @@ from gymnasium import spaces
 from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
 from gymnasium.envs.mujoco.mujoco_rendering import MujocoRenderer
 
-from gradgym.envs.backends import get_backend
 from gradgym.envs.core import Env, make
 from gradgym.envs.mujoco import TASKS
 from gradgym.envs.mujoco.base import MujocoState, MujocoTask, sum_terms
@@ -44,6 +44,47 @@ _POST_CONSTRAINT_FIELDS = frozenset({"cacc", "cfrc_int", "cfrc_ext"})
 _REAL_KINDS = frozenset("fiub")  # float, int, unsigned, bool: what casts to a control
 _RENDER_ARGS = ("width", "height", "camera_id", "camera_name", "default_camera_config",
                 "max_geom", "visual_options")
+
+
+def _where(condition: Any, x: Any, y: Any) -> Any:
+    if np.ndim(condition) == 0:  # one env: a scalar choice, no array op
+        return x if condition else y
+    return np.where(condition, x, y)
+
+
+def _like(fill: int) -> Any:
+    def like(x: Any) -> Any:
+        if np.ndim(x) == 0:  # a scalar of x's dtype (numpy scalars and 0-d arrays)
+            return x.dtype.type(fill)
+        return np.full_like(x, fill)
+    return like
+
+
+def _scalar(value: Any) -> Any:
+    """A 0-d array as its numpy scalar (what Gymnasium returns); anything else as is."""
+    return value[()] if type(value) is np.ndarray and value.ndim == 0 else value
+
+
+# The Array API namespace the single-env host path runs the tasks' code with: numpy, with
+# the functions the tasks use made cheap on the scalars and short vectors of one env
+# (numpy's Python-level wrappers -- np.clip, np.sum, np.where -- cost microseconds each,
+# several times a step). Results are bit-identical to numpy's.
+HOST_XP = types.SimpleNamespace(**{name: getattr(np, name) for name in dir(np) if not name.startswith("_")})
+HOST_XP.__dict__.update(
+    logical_and=lambda a, b: a & b,
+    logical_or=lambda a, b: a | b,
+    logical_not=lambda a: (not a) if isinstance(a, bool) else ~a,
+    where=_where,
+    ones_like=_like(1),
+    zeros_like=_like(0),
+    clip=lambda x, low, high: np.minimum(np.maximum(x, low), high),
+    sum=lambda x, axis=None: np.add.reduce(x, axis=axis),
+    all=lambda x, axis=None: np.logical_and.reduce(x, axis=axis),
+    concat=lambda arrays, axis=0: np.concatenate(arrays, axis=axis),
+    memoize=True,  # see base.per_state: reward and termination share the health check
+)
+# what Task.terminated reads of a backend
+_HOST_BACKEND = types.SimpleNamespace(xp=HOST_XP, falses=lambda shape: np.zeros(shape, dtype=bool))
 
 
 class MujocoGymEnv(MujocoEnv):
@@ -86,7 +127,7 @@ class MujocoGymEnv(MujocoEnv):
         self.task = task
         self._task_kwargs = dict(task_kwargs)
         self._prepare()
-        obs_dim = task.observe(np, self._read(np.zeros(self.model.nu), None)).shape[-1]
+        obs_dim = task.observe(HOST_XP, self._read(np.zeros(self.model.nu), None)).shape[-1]
         self.observation_space = spaces.Box(-np.inf, np.inf, (obs_dim,), np.float64)
 
     def _initialize_simulation(self) -> tuple[mujoco.MjModel, mujoco.MjData]:
@@ -99,10 +140,10 @@ class MujocoGymEnv(MujocoEnv):
     def _prepare(self) -> None:
         """Per-step constants (also rebuilt after unpickling)."""
         task, physics = self.task, self.task.physics
-        self._backend = get_backend("numpy", "float64")
         self._post_constraint = bool(_POST_CONSTRAINT_FIELDS & set(task.readout_fields))
         self._readout_slices = [(physics.readout_slices[name], name) for name in task.readout_fields]
         self._readout_size = physics.readout_size
+        self._dt = self.dt  # a property reading the model: once, not every step
         self._ctrl_on_data = getattr(task, "gym_ctrl_cost_on_applied_ctrl", False)
         self._data_info = getattr(task, "gym_info_data_fields", {})
         self._state: MujocoState | None = None
@@ -118,12 +159,12 @@ class MujocoGymEnv(MujocoEnv):
             mujoco.mj_rnePostConstraint(model, data)
         previous, task = self._state, self.task
         state = self._state = self._read(ctrl, previous)
-        terms = task.reward_terms(np, state)
-        terminated = bool(task.terminated(self._backend, state)[0])
+        terms = task.reward_terms(HOST_XP, state)
+        terminated = bool(task.terminated(_HOST_BACKEND, state))
         info = self._info(state, previous, terms)
         if self.render_mode == "human":
             self.render()
-        return task.observe(np, state)[0], sum_terms(terms)[0], terminated, False, info
+        return task.observe(HOST_XP, state), _scalar(sum_terms(terms)), terminated, False, info
 
     def reset_model(self) -> np.ndarray:
         """Gymnasium's draws: ``qpos0 + U(-s, s)``, then ``qvel`` uniform or ``s * N(0, 1)``."""
@@ -135,7 +176,7 @@ class MujocoGymEnv(MujocoEnv):
             qvel = self.init_qvel + self.np_random.uniform(low=-scale, high=scale, size=self.model.nv)
         self.set_state(qpos, qvel)
         self._state = self._read(np.zeros(self.model.nu), None)
-        return task.observe(np, self._state)[0]
+        return task.observe(HOST_XP, self._state)
 
     def _get_reset_info(self) -> dict[str, Any]:
         return self._info(self._state, None, {})
@@ -152,8 +193,9 @@ class MujocoGymEnv(MujocoEnv):
             raise RuntimeError(f"{self.task.name}: functional() called before reset()")
         env = make(self.task.name, backend=backend, dtype=dtype, **self._task_kwargs)
         state = self._state._replace(ctrl=np.asarray(self._state.ctrl, np.float64),
-                                     warmstart=self.data.qacc_warmstart[None].copy())
-        return env, env.as_state(state)
+                                     warmstart=self.data.qacc_warmstart.copy())
+        batched = MujocoState(*(np.asarray(leaf)[None] for leaf in state))
+        return env, env.as_state(batched)
 
     def normalized_action(self, action: Any) -> np.ndarray:
         """``action`` (in the control ranges, as this env takes it) as the functional API's
@@ -166,12 +208,10 @@ class MujocoGymEnv(MujocoEnv):
         # The renderer holds GL contexts and ctypes; it is rebuilt lazily after unpickling.
         state = dict(self.__dict__)
         state.pop("mujoco_renderer", None)
-        state.pop("_backend", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._backend = get_backend("numpy", "float64")
         self.mujoco_renderer = MujocoRenderer(self.model, self.data, **_renderer_args(self._render_args))
 
     # ------------------------------------------------------------------ helpers
@@ -190,24 +230,25 @@ class MujocoGymEnv(MujocoEnv):
         return array
 
     def _read(self, ctrl: np.ndarray, previous: MujocoState | None) -> MujocoState:
-        """The task's batch-1 state from ``MjData`` (copies: the data moves on)."""
+        """The task's state of this one env (unbatched leaves, so that per-env quantities
+        are numpy scalars) from ``MjData``; copies, as the data moves on."""
         data, task = self.data, self.task
-        qpos, qvel = data.qpos[None].copy(), data.qvel[None].copy()
-        readouts = np.empty((1, self._readout_size))
+        qpos, qvel = data.qpos.copy(), data.qvel.copy()
+        readouts = np.empty(self._readout_size)
         for part, name in self._readout_slices:
-            readouts[0, part] = getattr(data, name).ravel()
+            readouts[part] = getattr(data, name).ravel()
         if previous is None:
-            x_velocity = np.zeros(1)
+            x_velocity = np.float64(0.0)
         else:
-            before = task.tracked_x(np, previous.qpos, previous.readouts)
-            x_velocity = (task.tracked_x(np, qpos, readouts) - before) / self.dt
-        applied = data.ctrl[None].copy() if self._ctrl_on_data else ctrl[None]
+            before = task.tracked_x(HOST_XP, previous.qpos, previous.readouts)
+            x_velocity = (task.tracked_x(HOST_XP, qpos, readouts) - before) / self._dt
+        applied = data.ctrl.copy() if self._ctrl_on_data else ctrl
         return MujocoState(qpos, qvel, applied, x_velocity, readouts, None)
 
     def _info(self, state: MujocoState, previous: MujocoState | None,
               terms: dict[str, Any]) -> dict[str, Any]:
-        info = {key: value[0] for key, value in self.task.info(np, state, previous).items()}
-        info.update((key, value[0]) for key, value in terms.items())
+        info = {key: _scalar(value) for key, value in self.task.info(HOST_XP, state, previous).items()}
+        info.update((key, _scalar(value)) for key, value in terms.items())
         for key, field in self._data_info.items():
             info[key] = getattr(self.data, field).copy()
         return info

@@ -24,6 +24,7 @@ from gradgym.envs.mujoco.base import (
     Camera,
     MujocoState,
     MujocoTask,
+    per_state,
     control_cost,
     indicator,
     inside,
@@ -53,6 +54,7 @@ class Hopper(MujocoTask):
         skip = 1 if self.exclude_current_positions_from_observation else 0
         return xp.concat([state.qpos[..., skip:], xp.clip(state.qvel, -10.0, 10.0)], axis=-1)
 
+    @per_state
     def healthy(self, xp: Any, state: MujocoState) -> Any:
         """Whether the hopper is upright, high enough and not blowing up."""
         rest = xp.concat([state.qpos[..., 2:], state.qvel], axis=-1)

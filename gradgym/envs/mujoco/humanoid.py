@@ -29,6 +29,7 @@ from gradgym.envs.mujoco.base import (
     Camera,
     MujocoState,
     MujocoTask,
+    per_state,
     control_cost,
     indicator,
     inside,
@@ -91,6 +92,7 @@ class Humanoid(MujocoTask):
             parts.append(per_body("cfrc_ext"))
         return xp.concat(parts, axis=-1)
 
+    @per_state
     def healthy(self, xp: Any, state: MujocoState) -> Any:
         """Whether the torso height is within ``healthy_z_range``."""
         return inside(xp, state.qpos[..., 2], self.healthy_z_range)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gradgym.envs.backends import Backend
-from gradgym.envs.mujoco.base import Camera, MujocoState, MujocoTask, indicator
+from gradgym.envs.mujoco.base import Camera, MujocoState, MujocoTask, indicator, per_state
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class InvertedPendulum(MujocoTask):
     def observe(self, xp: Any, state: MujocoState) -> Any:
         return xp.concat([state.qpos, state.qvel], axis=-1)
 
+    @per_state
     def fallen(self, xp: Any, state: MujocoState) -> Any:
         """Whether the pole has tipped past 0.2 rad (or the state is not finite)."""
         finite = xp.all(xp.isfinite(self.observe(xp, state)), axis=-1)

@@ -23,6 +23,7 @@ from gradgym.envs.mujoco.base import (
     Camera,
     MujocoState,
     MujocoTask,
+    per_state,
     control_cost,
     indicator,
     inside,
@@ -51,6 +52,7 @@ class Walker2d(MujocoTask):
         skip = 1 if self.exclude_current_positions_from_observation else 0
         return xp.concat([state.qpos[..., skip:], xp.clip(state.qvel, -10.0, 10.0)], axis=-1)
 
+    @per_state
     def healthy(self, xp: Any, state: MujocoState) -> Any:
         """Whether the torso is high enough and not tipped over."""
         return xp.logical_and(
