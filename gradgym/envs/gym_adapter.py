@@ -73,6 +73,7 @@ class GymEnv(gymnasium.Env):
                 f"render_mode {render_mode!r} is not supported; allowed: None, "
                 + ", ".join(repr(mode) for mode in RENDER_MODES)
             )
+        self._make_args = (name, dtype, dict(task_kwargs))
         self.env = make(name, backend="numpy", dtype=dtype, **task_kwargs)
         self.render_mode = render_mode
         spec = self.env.spec
@@ -109,6 +110,18 @@ class GymEnv(gymnasium.Env):
         if self._state is None:
             raise RuntimeError(f"{self.env.spec.name}: render() called before reset()")
         return self.env.render(self._state, 0)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The functional env holds its array namespace (a module) and, once it has
+        # rendered, a matplotlib canvas: it is rebuilt from its arguments instead.
+        state = dict(self.__dict__)
+        del state["env"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        name, dtype, task_kwargs = self._make_args
+        self.env = make(name, backend="numpy", dtype=dtype, **task_kwargs)
 
     def _observation(self) -> np.ndarray:
         return np.asarray(self.env.observe(self._state)[0], dtype=np.float32)
