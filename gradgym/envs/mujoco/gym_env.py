@@ -237,11 +237,10 @@ class MujocoGymEnv(MujocoEnv):
         readouts = np.empty(self._readout_size)
         for part, name in self._readout_slices:
             readouts[part] = getattr(data, name).ravel()
-        if previous is None:
-            x_velocity = np.float64(0.0)
-        else:
-            before = task.tracked_x(HOST_XP, previous.qpos, previous.readouts)
-            x_velocity = (task.tracked_x(HOST_XP, qpos, readouts) - before) / self._dt
+        # the tracked x of the last state is kept: Humanoid's (its center of mass) is dear
+        x = task.tracked_x(HOST_XP, qpos, readouts)
+        x_velocity = np.float64(0.0) if previous is None else (x - self._x) / self._dt
+        self._x = x
         applied = data.ctrl.copy() if self._ctrl_on_data else ctrl
         return MujocoState(qpos, qvel, applied, x_velocity, readouts, None)
 
