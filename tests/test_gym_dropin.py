@@ -128,8 +128,8 @@ def test_bad_actions_get_clear_errors():
 
 
 def test_rendering_arguments_and_depth_match_gymnasium():
-    kwargs = dict(width=64, height=48, max_geom=500, camera_name="track",
-                  visual_options={2: True})
+    kwargs = {"width": 64, "height": 48, "max_geom": 500, "camera_name": "track",
+                  "visual_options": {2: True}}
     for mode in ("rgb_array", "depth_array"):
         theirs, ours = make_pair("Hopper", render_mode=mode, **kwargs)
         theirs.reset(seed=1)

@@ -28,10 +28,10 @@ from gradgym.envs.mujoco.base import (
     Camera,
     MujocoState,
     MujocoTask,
-    per_state,
     control_cost,
     indicator,
     inside,
+    per_state,
     planar_info,
 )
 

@@ -116,10 +116,10 @@ class MujocoGymEnv(MujocoEnv):
         task = _build_task(self.task_class, task_kwargs)
         if default_camera_config is _GYMNASIUM_DEFAULT:
             default_camera_config = gymnasium_default(task.name, "default_camera_config")
-        self._render_args = dict(width=width, height=height, camera_id=camera_id,
-                                 camera_name=camera_name, max_geom=max_geom,
-                                 default_camera_config=default_camera_config,
-                                 visual_options=visual_options)
+        self._render_args = {"width": width, "height": height, "camera_id": camera_id,
+                             "camera_name": camera_name, "max_geom": max_geom,
+                             "default_camera_config": default_camera_config,
+                             "visual_options": visual_options}
         MujocoEnv.__init__(self, str(asset_path(task.xml_file)), task.frame_skip,
                            observation_space=None, render_mode=render_mode,
                            **self._render_args)
@@ -138,14 +138,14 @@ class MujocoGymEnv(MujocoEnv):
         return model, mujoco.MjData(model)
 
     def _prepare(self) -> None:
-        """Per-step constants (also rebuilt after unpickling)."""
+        """Constants the step reads, looked up once."""
         task, physics = self.task, self.task.physics
         self._post_constraint = bool(_POST_CONSTRAINT_FIELDS & set(task.readout_fields))
         self._readout_slices = [(physics.readout_slices[name], name) for name in task.readout_fields]
         self._readout_size = physics.readout_size
         self._dt = self.dt  # a property reading the model: once, not every step
         self._ctrl_on_data = getattr(task, "gym_ctrl_cost_on_applied_ctrl", False)
-        self._data_info = getattr(task, "gym_info_data_fields", {})
+        self._data_info = dict(getattr(task, "gym_info_data_fields", ()))
         self._state: MujocoState | None = None
 
     # ------------------------------------------------------------------ Gymnasium API

@@ -29,10 +29,10 @@ from gradgym.envs.mujoco.base import (
     Camera,
     MujocoState,
     MujocoTask,
-    per_state,
     control_cost,
     indicator,
     inside,
+    per_state,
     planar_info,
 )
 
@@ -63,7 +63,7 @@ class Humanoid(MujocoTask):
     # Gymnasium's Humanoid takes its control cost on the applied controls (float64)
     # rather than on the action as given, and reports the tendons in its info.
     gym_ctrl_cost_on_applied_ctrl = True
-    gym_info_data_fields = {"tendon_length": "ten_length", "tendon_velocity": "ten_velocity"}
+    gym_info_data_fields = (("tendon_length", "ten_length"), ("tendon_velocity", "ten_velocity"))
 
     def tracked_x(self, xp: Any, qpos: Any, readouts: Any) -> Any:
         return self.mass_center(xp, readouts, 0)
