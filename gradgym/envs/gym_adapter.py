@@ -1,8 +1,10 @@
 """Gymnasium adapter: every registered gradgym env as a ``gymnasium.Env``.
 
 ``import gradgym`` registers each env as ``gradgym/<Name>-v0`` (an env whose name already
-carries a version, such as ``HalfCheetah-v5``, keeps it: ``gradgym/HalfCheetah-v5``), with
-``max_episode_steps`` set to the env's horizon::
+carries a version, such as ``HalfCheetah-v5``, keeps it: ``gradgym/HalfCheetah-v5``; a
+task may name its id otherwise: the classic fish ``Swimmer`` is ``gradgym/Fish-v0``, as
+``Swimmer`` is MuJoCo's ``Swimmer-v5`` in Gymnasium), with ``max_episode_steps`` set to
+the env's horizon::
 
     import gymnasium as gym
     import gradgym  # noqa: F401  (registers the envs)
@@ -12,13 +14,21 @@ carries a version, such as ``HalfCheetah-v5``, keeps it: ``gradgym/HalfCheetah-v
 Without an explicit import, the ``module:id`` form of the id imports gradgym first:
 ``gym.make("gradgym:gradgym/Reacher-v0")`` (handy in config files and command lines).
 
-The adapter is one stateful env (batch 1) on the numpy backend. It validates actions
-(shape, dtype, NaN/inf, bounds) before stepping -- the functional core never inspects
-values, so that its step path needs no host sync.
+Two kinds of env stand behind the ids:
+
+- the MuJoCo ids are drop-in replacements of Gymnasium's own ``<Task>-v5`` envs
+  (:mod:`gradgym.envs.mujoco.gym_env`: same spaces, resets, steps, ``info`` and
+  constructor arguments; ``max_episode_steps`` and ``reward_threshold`` of Gymnasium's id);
+- the other ids (the classic family) are :class:`GymEnv`: one stateful env (batch 1) on
+  the numpy backend with Gymnasium's conventions for wrappers and dtypes.
+
+Both validate actions (shape, dtype, NaN/inf; bounds for the classic ids) before stepping
+-- the functional core never inspects values, so that its step path needs no host sync.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, ClassVar, SupportsFloat
 
@@ -31,13 +41,18 @@ from gradgym.envs.core import make, registered
 NAMESPACE = "gradgym"
 RENDER_MODES = ("rgb_array",)
 _VERSIONED = re.compile(r"-v\d+$")
+# How far past a bound a classic action may lie and still count as on it (then clipped):
+# float32 rounding in wrappers such as RescaleAction lands a few ulps outside.
+BOUND_TOLERANCE = 1e-6
+_REAL_KINDS = frozenset("fiub")  # float, int, unsigned, bool: what a Box action casts from
 
 
 class GymEnv(gymnasium.Env):
     """A gradgym env as a single ``gymnasium.Env`` (numpy backend, batch 1).
 
     Observation space: ``Box(-inf, inf, (obs_dim,), float32)``; action space:
-    ``Box(-1, 1, (act_dim,), float32)``. ``terminated`` comes from the task (the classic
+    ``Box(-1, 1, (act_dim,), float32)``. Actions of any real dtype (float, int, bool) are
+    accepted; values within :data:`BOUND_TOLERANCE` of the bounds are clipped onto them. ``terminated`` comes from the task (the classic
     tasks never terminate); truncation is left to Gymnasium's ``TimeLimit``, which
     ``gymnasium.make`` adds with ``max_episode_steps`` = the env's horizon.
 
@@ -58,6 +73,7 @@ class GymEnv(gymnasium.Env):
                 f"render_mode {render_mode!r} is not supported; allowed: None, "
                 + ", ".join(repr(mode) for mode in RENDER_MODES)
             )
+        self._make_args = (name, dtype, dict(task_kwargs))
         self.env = make(name, backend="numpy", dtype=dtype, **task_kwargs)
         self.render_mode = render_mode
         spec = self.env.spec
@@ -79,7 +95,7 @@ class GymEnv(gymnasium.Env):
         """Apply a validated ``[act_dim]`` action in [-1, 1]."""
         if self._state is None:
             raise RuntimeError(f"{self.env.spec.name}: step() called before reset()")
-        batched = self._validated(action).astype(self._dtype)[None, :]
+        batched = self._validated(action)[None, :]
         self._state, _, reward, terminated = self.env.step(self._state, batched)
         return self._observation(), float(reward[0]), bool(terminated[0]), False, {}
 
@@ -95,6 +111,18 @@ class GymEnv(gymnasium.Env):
             raise RuntimeError(f"{self.env.spec.name}: render() called before reset()")
         return self.env.render(self._state, 0)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The functional env holds its array namespace (a module) and, once it has
+        # rendered, a matplotlib canvas: it is rebuilt from its arguments instead.
+        state = dict(self.__dict__)
+        del state["env"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        name, dtype, task_kwargs = self._make_args
+        self.env = make(name, backend="numpy", dtype=dtype, **task_kwargs)
+
     def _observation(self) -> np.ndarray:
         return np.asarray(self.env.observe(self._state)[0], dtype=np.float32)
 
@@ -102,36 +130,45 @@ class GymEnv(gymnasium.Env):
         """``action`` as a numpy array, or a clear error naming what is wrong."""
         name, act_dim = self.env.spec.name, self.env.spec.act_dim
         array = np.asarray(action)
-        if array.dtype.kind != "f":
+        if array.dtype.kind not in _REAL_KINDS:
             raise TypeError(
-                f"{name}: action dtype {array.dtype} is not allowed; use a floating dtype "
-                f"(float32 or float64) array of shape ({act_dim},)"
+                f"{name}: action dtype {array.dtype} is not allowed; use a real-number "
+                f"(float, int or bool) array of shape ({act_dim},)"
             )
         if array.shape != (act_dim,):
             raise ValueError(
                 f"{name}: action has shape {array.shape}, expected ({act_dim},) "
                 f"(one env; act_dim={act_dim})"
             )
-        if not np.all(np.isfinite(array)):
+        array = array.astype(self._dtype)  # a copy: clipping below must not touch the caller's
+        if not np.isfinite(array).all():
             raise ValueError(f"{name}: action contains NaN or inf: {array.tolist()}")
-        outside = np.abs(array) > 1.0
-        if np.any(outside):
-            raise ValueError(
-                f"{name}: action values {array[outside].tolist()} at indices "
-                f"{np.flatnonzero(outside).tolist()} are outside the allowed range [-1, 1]"
-            )
+        # abs().max() first: one reduction on the common in-bounds path
+        if np.abs(array).max() > 1.0:
+            outside = np.abs(array) > 1.0 + BOUND_TOLERANCE
+            if outside.any():
+                raise ValueError(
+                    f"{name}: action values {array[outside].tolist()} at indices "
+                    f"{np.flatnonzero(outside).tolist()} are outside the allowed range [-1, 1]"
+                )
+            np.clip(array, -1.0, 1.0, out=array)
         return array
 
 
 def gym_id(name: str) -> str:
     """The Gymnasium id of gradgym env ``name``: ``gradgym/<name>-v0`` or, when the name
-    already ends in a version (``HalfCheetah-v5``), ``gradgym/<name>``."""
+    already ends in a version (``HalfCheetah-v5``), ``gradgym/<name>``. A task whose class
+    sets ``gym_name`` is registered under that name instead (``Swimmer``: ``Fish``)."""
+    entry = registered().get(name)
+    name = getattr(entry.factory, "gym_name", name) if entry is not None else name
     return f"{NAMESPACE}/{name}" if _VERSIONED.search(name) else f"{NAMESPACE}/{name}-v0"
 
 
 def register_gymnasium_envs() -> list[str]:
     """Register every gradgym env that runs on numpy with Gymnasium; returns the new ids.
 
+    The MuJoCo family's ids are drop-in replacements of Gymnasium's own (same episode
+    limit and reward threshold); the others wrap the functional env in :class:`GymEnv`.
     Idempotent: ids already in Gymnasium's registry are left as they are, so it can be
     called again after more envs are registered with gradgym.
     """
@@ -140,14 +177,26 @@ def register_gymnasium_envs() -> list[str]:
         env_id = gym_id(name)
         if "numpy" not in entry.backends or env_id in gymnasium.registry:
             continue
-        gymnasium.register(
-            id=env_id,
-            entry_point=f"{__name__}:GymEnv",
-            kwargs={"name": name},
-            max_episode_steps=_horizon(entry.factory),
-        )
+        if entry.family == "mujoco":
+            _register_mujoco(env_id, name, entry.factory)
+        else:
+            # The task name is bound, not a keyword: gym.make(id, name=...) cannot swap it.
+            gymnasium.register(id=env_id, entry_point=functools.partial(GymEnv, name),
+                               max_episode_steps=_horizon(entry.factory))
         added.append(env_id)
     return added
+
+
+def _register_mujoco(env_id: str, name: str, factory: Any) -> None:
+    # One class per task (gradgym.envs.mujoco.gym_env), named by string so that importing
+    # gradgym does not load MuJoCo; episode limit and threshold are Gymnasium's own.
+    own = gymnasium.registry.get(name)
+    gymnasium.register(
+        id=env_id,
+        entry_point=f"gradgym.envs.mujoco.gym_env:{factory.__name__}Env",
+        max_episode_steps=own.max_episode_steps if own is not None else _horizon(factory),
+        reward_threshold=own.reward_threshold if own is not None else None,
+    )
 
 
 def _horizon(factory: Any) -> int:

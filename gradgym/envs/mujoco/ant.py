@@ -31,6 +31,8 @@ from gradgym.envs.mujoco.base import (
     control_cost,
     indicator,
     inside,
+    per_state,
+    planar_info,
 )
 
 
@@ -69,8 +71,12 @@ class Ant(MujocoTask):
             ) from err
 
     def tracked_x(self, xp: Any, qpos: Any, readouts: Any) -> Any:
+        return self.main_body_position(xp, readouts)[..., 0]
+
+    def main_body_position(self, xp: Any, readouts: Any) -> Any:
+        """``[..., 3]`` world position of ``main_body``'s frame (``xpos``)."""
         body = self.physics.model.body(self.main_body).id
-        return self.readout(xp, readouts, "xpos")[..., body, 0]
+        return self.readout(xp, readouts, "xpos")[..., body, :]
 
     def contact_forces(self, xp: Any, state: MujocoState) -> Any:
         """``[..., nbody, 6]`` external contact forces, clipped to ``contact_force_range``."""
@@ -85,6 +91,7 @@ class Ant(MujocoTask):
             parts.append(xp.reshape(forces, tuple(forces.shape[:-2]) + (-1,)))
         return xp.concat(parts, axis=-1)
 
+    @per_state
     def healthy(self, xp: Any, state: MujocoState) -> Any:
         """Whether the state is finite and the torso within ``healthy_z_range``."""
         finite = xp.logical_and(
@@ -92,12 +99,24 @@ class Ant(MujocoTask):
         )
         return xp.logical_and(finite, inside(xp, state.qpos[..., 2], self.healthy_z_range, closed=True))
 
-    def reward(self, xp: Any, state: MujocoState) -> Any:
+    def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
         forward = self.forward_reward_weight * state.x_velocity
-        alive = self.healthy_reward * indicator(xp, self.healthy(xp, state), forward)
         forces = self.contact_forces(xp, state)
         contact = self.contact_cost_weight * xp.sum(xp.sum(forces * forces, axis=-1), axis=-1)
-        return forward + alive - control_cost(xp, state.ctrl, self.ctrl_cost_weight) - contact
+        return {
+            "reward_forward": forward,
+            "reward_survive": self.healthy_reward * indicator(xp, self.healthy(xp, state), forward),
+            "reward_ctrl": -control_cost(xp, state.ctrl, self.ctrl_cost_weight),
+            "reward_contact": -contact,
+        }
+
+    def info(self, xp: Any, state: MujocoState, previous: MujocoState | None = None) -> dict[str, Any]:
+        info = planar_info(xp, state.qpos)
+        if previous is None:
+            return info
+        after = self.main_body_position(xp, state.readouts)[..., 1]
+        before = self.main_body_position(xp, previous.readouts)[..., 1]
+        return {**info, "x_velocity": state.x_velocity, "y_velocity": (after - before) / self.dt}
 
     def terminated(self, backend: Backend, state: MujocoState) -> Any:
         xp = backend.xp

@@ -184,6 +184,20 @@ class MujocoTask(Task):
         after = self.tracked_x(xp, qpos, readouts)
         return MujocoState(qpos, qvel, ctrl, (after - before) / self.dt, readouts, warmstart)
 
+    def reward(self, xp: Any, state: MujocoState) -> Any:
+        """``[...]`` the sum of :meth:`reward_terms`, added in their order."""
+        return sum_terms(self.reward_terms(xp, state))
+
+    def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
+        """The reward's terms ``[...]`` under the names Gymnasium's ``info`` gives them
+        (costs and penalties negative), in the order Gymnasium adds them."""
+        raise NotImplementedError
+
+    def info(self, xp: Any, state: MujocoState, previous: MujocoState | None = None) -> dict[str, Any]:
+        """The positions (and, after a step from ``previous``, velocities) Gymnasium's
+        ``info`` reports beside the reward terms; ``previous=None`` gives the reset info."""
+        return {}
+
     def ctrl_from_action(self, xp: Any, action: Any) -> Any:
         """Map actions in [-1, 1] linearly onto the actuators' control ranges."""
         half, center = self.physics.ctrl_half_range, self.physics.ctrl_center
@@ -211,6 +225,41 @@ class MujocoTask(Task):
 def control_cost(xp: Any, ctrl: Any, weight: float) -> Any:
     """``weight * sum(ctrl^2)`` over the last axis."""
     return weight * xp.sum(ctrl * ctrl, axis=-1)
+
+
+def per_state(method: Any) -> Any:
+    """Memoize ``method(self, xp, state)`` for the last ``state`` -- only where the
+    namespace asks for it (``xp.memoize``: the single-env Gymnasium path, which asks the
+    reward and the termination of the same state); the functional backends never cache."""
+
+    @functools.wraps(method)
+    def cached(self: Any, xp: Any, state: Any) -> Any:
+        if not getattr(xp, "memoize", False):
+            return method(self, xp, state)
+        memo = self.__dict__.get("_memo")  # holds the state, so its id is not reused
+        if memo is not None and memo[0] is state and memo[1] is method:
+            return memo[2]
+        result = method(self, xp, state)
+        object.__setattr__(self, "_memo", (state, method, result))
+        return result
+
+    return cached
+
+
+def sum_terms(terms: dict[str, Any]) -> Any:
+    """The sum of the values of ``terms``, left to right (a fixed order keeps it exact)."""
+    values = iter(terms.values())
+    total = next(values)
+    for value in values:
+        total = total + value
+    return total
+
+
+def planar_info(xp: Any, qpos: Any) -> dict[str, Any]:
+    """``x_position``, ``y_position`` and ``distance_from_origin`` of a free or planar root
+    whose first two coordinates are its x and y."""
+    x, y = qpos[..., 0], qpos[..., 1]
+    return {"x_position": x, "y_position": y, "distance_from_origin": xp.sqrt(x * x + y * y)}
 
 
 def indicator(xp: Any, condition: Any, like: Any) -> Any:

@@ -40,6 +40,12 @@ class HalfCheetah(MujocoTask):
         skip = 1 if self.exclude_current_positions_from_observation else 0
         return xp.concat([state.qpos[..., skip:], state.qvel], axis=-1)
 
-    def reward(self, xp: Any, state: MujocoState) -> Any:
-        forward = self.forward_reward_weight * state.x_velocity
-        return forward - control_cost(xp, state.ctrl, self.ctrl_cost_weight)
+    def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
+        return {
+            "reward_forward": self.forward_reward_weight * state.x_velocity,
+            "reward_ctrl": -control_cost(xp, state.ctrl, self.ctrl_cost_weight),
+        }
+
+    def info(self, xp: Any, state: MujocoState, previous: MujocoState | None = None) -> dict[str, Any]:
+        info = {"x_position": state.qpos[..., 0]}
+        return info if previous is None else {**info, "x_velocity": state.x_velocity}

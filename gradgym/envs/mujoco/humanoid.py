@@ -32,6 +32,8 @@ from gradgym.envs.mujoco.base import (
     control_cost,
     indicator,
     inside,
+    per_state,
+    planar_info,
 )
 
 
@@ -58,11 +60,19 @@ class Humanoid(MujocoTask):
     name = "Humanoid-v5"
     readout_fields = ("xipos", "cinert", "cvel", "qfrc_actuator", "cfrc_ext")
     camera = Camera(distance=4.0, elevation=-20.0, lookat=(0.0, 0.0, 2.0), track_body=1)
+    # Gymnasium's Humanoid takes its control cost on the applied controls (float64)
+    # rather than on the action as given, and reports the tendons in its info.
+    gym_ctrl_cost_on_applied_ctrl = True
+    gym_info_data_fields = (("tendon_length", "ten_length"), ("tendon_velocity", "ten_velocity"))
 
     def tracked_x(self, xp: Any, qpos: Any, readouts: Any) -> Any:
+        return self.mass_center(xp, readouts, 0)
+
+    def mass_center(self, xp: Any, readouts: Any, axis: int) -> Any:
+        """``[...]`` coordinate ``axis`` of the center of mass of all bodies."""
         xipos = self.readout(xp, readouts, "xipos")
         mass = xp.asarray(self.physics.model.body_mass, dtype=xipos.dtype)
-        return xp.sum(mass * xipos[..., 0], axis=-1) / xp.sum(mass)
+        return xp.sum(mass * xipos[..., axis], axis=-1) / xp.sum(mass)
 
     def observe(self, xp: Any, state: MujocoState) -> Any:
         skip = 2 if self.exclude_current_positions_from_observation else 0
@@ -82,19 +92,32 @@ class Humanoid(MujocoTask):
             parts.append(per_body("cfrc_ext"))
         return xp.concat(parts, axis=-1)
 
+    @per_state
     def healthy(self, xp: Any, state: MujocoState) -> Any:
         """Whether the torso height is within ``healthy_z_range``."""
         return inside(xp, state.qpos[..., 2], self.healthy_z_range)
 
-    def reward(self, xp: Any, state: MujocoState) -> Any:
+    def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
         forward = self.forward_reward_weight * state.x_velocity
-        alive = self.healthy_reward * indicator(xp, self.healthy(xp, state), forward)
         forces = self.readout(xp, state.readouts, "cfrc_ext")
         low, high = self.contact_cost_range
         contact = xp.clip(
             self.contact_cost_weight * xp.sum(xp.sum(forces * forces, axis=-1), axis=-1), low, high
         )
-        return forward + alive - control_cost(xp, state.ctrl, self.ctrl_cost_weight) - contact
+        return {
+            "reward_forward": forward,
+            "reward_survive": self.healthy_reward * indicator(xp, self.healthy(xp, state), forward),
+            "reward_ctrl": -control_cost(xp, state.ctrl, self.ctrl_cost_weight),
+            "reward_contact": -contact,
+        }
+
+    def info(self, xp: Any, state: MujocoState, previous: MujocoState | None = None) -> dict[str, Any]:
+        info = planar_info(xp, state.qpos)
+        if previous is None:
+            return info
+        after = self.mass_center(xp, state.readouts, 1)
+        before = self.mass_center(xp, previous.readouts, 1)
+        return {**info, "x_velocity": state.x_velocity, "y_velocity": (after - before) / self.dt}
 
     def terminated(self, backend: Backend, state: MujocoState) -> Any:
         xp = backend.xp

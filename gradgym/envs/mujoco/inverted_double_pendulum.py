@@ -54,13 +54,16 @@ class InvertedDoublePendulum(MujocoTask):
             axis=-1,
         )
 
-    def reward(self, xp: Any, state: MujocoState) -> Any:
+    def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
         tip = self.tip(xp, state)
         x, y = tip[..., 0], tip[..., 2]
         distance_penalty = 0.01 * x**2 + (y - 2.0) ** 2
         velocity_penalty = 1e-3 * state.qvel[..., 1] ** 2 + 5e-3 * state.qvel[..., 2] ** 2
-        alive = self.healthy_reward * indicator(xp, y > 1.0, y)
-        return alive - distance_penalty - velocity_penalty
+        return {
+            "reward_survive": self.healthy_reward * indicator(xp, y > 1.0, y),
+            "distance_penalty": -distance_penalty,
+            "velocity_penalty": -velocity_penalty,
+        }
 
     def terminated(self, backend: Backend, state: MujocoState) -> Any:
         return self.tip(backend.xp, state)[..., 2] <= 1.0

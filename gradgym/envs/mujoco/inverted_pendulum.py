@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gradgym.envs.backends import Backend
-from gradgym.envs.mujoco.base import Camera, MujocoState, MujocoTask, indicator
+from gradgym.envs.mujoco.base import Camera, MujocoState, MujocoTask, indicator, per_state
 
 
 @dataclass(frozen=True)
@@ -39,16 +39,17 @@ class InvertedPendulum(MujocoTask):
     def observe(self, xp: Any, state: MujocoState) -> Any:
         return xp.concat([state.qpos, state.qvel], axis=-1)
 
+    @per_state
     def fallen(self, xp: Any, state: MujocoState) -> Any:
         """Whether the pole has tipped past 0.2 rad (or the state is not finite)."""
         finite = xp.all(xp.isfinite(self.observe(xp, state)), axis=-1)
         return xp.logical_or(xp.logical_not(finite), xp.abs(state.qpos[..., 1]) > 0.2)
 
-    def reward(self, xp: Any, state: MujocoState) -> Any:
+    def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
         standing = indicator(xp, xp.logical_not(self.fallen(xp, state)), state.qpos[..., 0])
         if self.smooth_reward:
-            return standing * (1.0 - (state.qpos[..., 1] / 0.2) ** 2)
-        return standing
+            return {"reward_survive": standing * (1.0 - (state.qpos[..., 1] / 0.2) ** 2)}
+        return {"reward_survive": standing}
 
     def terminated(self, backend: Backend, state: MujocoState) -> Any:
         return self.fallen(backend.xp, state)

@@ -17,7 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gradgym.envs.mujoco.base import Camera, MujocoState, MujocoTask, control_cost
+from gradgym.envs.mujoco.base import (
+    Camera,
+    MujocoState,
+    MujocoTask,
+    control_cost,
+    planar_info,
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,15 @@ class Swimmer(MujocoTask):
         skip = 2 if self.exclude_current_positions_from_observation else 0
         return xp.concat([state.qpos[..., skip:], state.qvel], axis=-1)
 
-    def reward(self, xp: Any, state: MujocoState) -> Any:
-        forward = self.forward_reward_weight * state.x_velocity
-        return forward - control_cost(xp, state.ctrl, self.ctrl_cost_weight)
+    def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
+        return {
+            "reward_forward": self.forward_reward_weight * state.x_velocity,
+            "reward_ctrl": -control_cost(xp, state.ctrl, self.ctrl_cost_weight),
+        }
+
+    def info(self, xp: Any, state: MujocoState, previous: MujocoState | None = None) -> dict[str, Any]:
+        info = planar_info(xp, state.qpos)
+        if previous is None:
+            return info
+        y_velocity = (state.qpos[..., 1] - previous.qpos[..., 1]) / self.dt
+        return {**info, "x_velocity": state.x_velocity, "y_velocity": y_velocity}

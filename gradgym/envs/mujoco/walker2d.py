@@ -26,6 +26,7 @@ from gradgym.envs.mujoco.base import (
     control_cost,
     indicator,
     inside,
+    per_state,
 )
 
 
@@ -51,6 +52,7 @@ class Walker2d(MujocoTask):
         skip = 1 if self.exclude_current_positions_from_observation else 0
         return xp.concat([state.qpos[..., skip:], xp.clip(state.qvel, -10.0, 10.0)], axis=-1)
 
+    @per_state
     def healthy(self, xp: Any, state: MujocoState) -> Any:
         """Whether the torso is high enough and not tipped over."""
         return xp.logical_and(
@@ -58,10 +60,20 @@ class Walker2d(MujocoTask):
             inside(xp, state.qpos[..., 2], self.healthy_angle_range),
         )
 
-    def reward(self, xp: Any, state: MujocoState) -> Any:
+    def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
         forward = self.forward_reward_weight * state.x_velocity
-        alive = self.healthy_reward * indicator(xp, self.healthy(xp, state), forward)
-        return forward + alive - control_cost(xp, state.ctrl, self.ctrl_cost_weight)
+        return {
+            "reward_forward": forward,
+            "reward_survive": self.healthy_reward * indicator(xp, self.healthy(xp, state), forward),
+            "reward_ctrl": -control_cost(xp, state.ctrl, self.ctrl_cost_weight),
+        }
+
+    def info(self, xp: Any, state: MujocoState, previous: MujocoState | None = None) -> dict[str, Any]:
+        info = {
+            "x_position": state.qpos[..., 0],
+            "z_distance_from_origin": state.qpos[..., 1] - float(self.physics.model.qpos0[1]),
+        }
+        return info if previous is None else {**info, "x_velocity": state.x_velocity}
 
     def terminated(self, backend: Backend, state: MujocoState) -> Any:
         xp = backend.xp
