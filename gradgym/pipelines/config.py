@@ -7,7 +7,7 @@ on the command line); pipelines only read them. Field names are public interface
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -76,6 +76,44 @@ class CEMConfig:
 
 
 PIPELINE_CONFIGS = {"trajectory": TrajectoryConfig, "policy": PolicyConfig, "cem": CEMConfig}
+
+# The config fields that may differ between the members of one pack (besides the seed):
+# per-member hyperparameters (optimizer state, learning rate, clipping, initial scale) and
+# what only decides what a member reports. Everything else shapes the one vectorized
+# computation (batch, horizon, iterations, optimizer kind, schedule, ...) and must be equal.
+PACKABLE_FIELDS: dict[str, tuple[str, ...]] = {
+    "trajectory": ("lr", "init_scale", "grad_clip", "grad_hist_every", "render"),
+    "policy": ("lr", "grad_clip", "grad_hist_every", "render"),
+    "cem": ("lr", "init_std", "min_std", "smoothing", "render"),
+}
+
+
+def pack_key(cfg: Any, **context: Any) -> tuple:
+    """A hashable key: two configs may share a pack exactly when their keys are equal.
+
+    It holds the pipeline's name and every field that is not in ``PACKABLE_FIELDS`` (the
+    seed is not a config field: members always differ in it). ``context`` adds what the
+    config does not hold and a pack must share, e.g. ``pack_key(cfg, env="Pendulum",
+    backend="jax", dtype="float32")``. ``cfg`` is a config dataclass or anything with the
+    same attributes (an omegaconf ``DictConfig``).
+    """
+    name = getattr(cfg, "name", None)
+    if name not in PIPELINE_CONFIGS:
+        raise ValueError(f"pipeline config name {name!r} is not one of {', '.join(PIPELINE_CONFIGS)}")
+    packable = PACKABLE_FIELDS[name]
+    shared = tuple(
+        (f.name, _hashable(getattr(cfg, f.name)))
+        for f in fields(PIPELINE_CONFIGS[name])
+        if f.name not in packable
+    )
+    return shared + tuple(sorted((key, _hashable(value)) for key, value in context.items()))
+
+
+def _hashable(value: Any) -> Any:
+    """Lists (``hidden``, also omegaconf ``ListConfig``) as tuples, so keys hash."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        return value
+    return tuple(_hashable(item) for item in value)
 
 
 def validate_config(cfg: Any, pipeline: str | None = None) -> None:
