@@ -15,7 +15,7 @@ import importlib
 from typing import Any, Optional, Sequence
 
 from gradgym.pipelines._loop import MemberOutcome
-from gradgym.pipelines.base import PipelineResult, Report, no_report
+from gradgym.pipelines.base import Report, no_report
 from gradgym.pipelines.config import (
     PACKABLE_FIELDS,
     PIPELINE_CONFIGS,

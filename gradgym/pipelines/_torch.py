@@ -17,7 +17,14 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from gradgym.pipelines._rollout import loop_scan, member_of, split_each, stack_trees, tree_leaves, tree_map
+from gradgym.pipelines._rollout import (
+    loop_scan,
+    member_of,
+    split_each,
+    stack_trees,
+    tree_leaves,
+    tree_map,
+)
 from gradgym.pipelines.config import ADAMW_WEIGHT_DECAY
 
 xp = torch
