@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from gradgym.envs.backends import ARRAY_BACKENDS, AUTODIFF_BACKENDS, BACKENDS, get_backend
 from gradgym.pipelines import get_pipeline, pipelines, registry
-from gradgym.pipelines.base import FINAL_METRICS, LOOP_METRICS, PipelineResult
+from gradgym.pipelines.base import FINAL_METRICS, LOOP_METRICS, PipelineResult, as_reporter
 from gradgym.pipelines.config import _Common
 from gradgym.platform.config import ConfigError, compose_run_config, load_sweep_config
 from gradgym.platform.records import RunRecord
@@ -32,39 +32,31 @@ class _RandomSearchConfig(_Common):
 
 
 def _random_search(env, cfg, seed=0, report=None) -> PipelineResult:
+    """Its own loop, reporting through the documented contract: one call per iteration with
+    the metrics it declares, then the closing call."""
     import functools
 
-    from gradgym.pipelines._loop import LoopSpec, run_loop
     from gradgym.pipelines._rollout import backend_ops, host_rng, start_states, transition
     from gradgym.pipelines.cem import plan_action, plan_returns
 
+    reporter = as_reporter(report)
     ops = backend_ops(env, cfg.name, gradient=False)
     start = start_states(env, seed, cfg.batch)
     rng = host_rng(seed, 1)
-    step = functools.partial(transition, env, plan_action)
-    returns = functools.partial(plan_returns, env, ops, step, cfg.horizon)
-
-    class Search:
-        params = env.backend.asarray(np.zeros((cfg.batch, cfg.horizon, env.spec.act_dim)))
-
-        def compile(self, inputs, eval_inputs=None):
-            return 0.0
-
-        def step(self, inputs):
-            plans = env.backend.asarray(rng.uniform(-1, 1, (cfg.batch, cfg.horizon, env.spec.act_dim)))
-            values = np.asarray(returns(plans, inputs))
-            self.params = plans
-            return [float(values.mean())]
-
-        def snapshot(self):
-            return self.params
-
-        def returns(self, params, inputs):
-            return np.asarray(returns(params, inputs))
-
-    spec = LoopSpec(name="random search", iters=cfg.iters, steps_per_iter=cfg.batch * cfg.horizon,
-                    step_metrics=("return_mean",), next_inputs=lambda i: start)
-    return run_loop(Search(), spec, report)
+    returns = functools.partial(plan_returns, env, ops, functools.partial(transition, env, plan_action),
+                                cfg.horizon)
+    best = -np.inf
+    for iteration in range(cfg.iters):
+        plans = env.backend.asarray(rng.uniform(-1, 1, (cfg.batch, cfg.horizon, env.spec.act_dim)))
+        value = float(np.mean(np.asarray(returns(plans, start))))
+        best = max(best, value)
+        steps = cfg.batch * cfg.horizon
+        reporter.iteration({"return_mean": value, "iter_time_s": 1e-3, "env_steps_per_s": steps / 1e-3,
+                            "env_steps": float(steps * (iteration + 1))}, iteration)
+    final = {"compile_time_s": 0.0, "best_return": best, "final_return": value}
+    reporter.final(final, cfg.iters)
+    return PipelineResult(best_return=best, final_return=value, compile_time_s=0.0, wall_time_s=0.0,
+                          iterations=cfg.iters)
 
 
 @pytest.fixture

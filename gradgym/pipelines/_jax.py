@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradgym.pipelines._rollout import member_of, stack_trees
 from gradgym.pipelines.config import ADAMW_WEIGHT_DECAY
 
 xp = jnp
@@ -43,27 +44,51 @@ def compile_step(step: Callable, cfg: Any) -> Callable:
     return step
 
 
-def make_optimizer(cfg: Any) -> optax.GradientTransformation:
-    """optax optimizer of ``cfg``: schedule, clipping by global norm, skip on non-finite."""
-    schedules = {
-        "constant": lambda: optax.constant_schedule(cfg.lr),
-        "cosine": lambda: optax.cosine_decay_schedule(cfg.lr, decay_steps=cfg.iters),
-        "linear": lambda: optax.linear_schedule(cfg.lr, 0.0, transition_steps=cfg.iters),
-    }
-    schedule = schedules[cfg.lr_schedule]()
-    optimizers = {
-        "adam": lambda: optax.adam(schedule),
-        "adamw": lambda: optax.adamw(schedule, weight_decay=ADAMW_WEIGHT_DECAY),
-        "sgd": lambda: optax.sgd(schedule),
-    }
-    transform = optimizers[cfg.optimizer]()
-    if cfg.grad_clip > 0:
-        transform = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), transform)
-    return optax.apply_if_finite(transform, max_consecutive_errors=_NEVER_GIVE_UP)
+def make_optimizer(cfg: Any, lr: Any = None, grad_clip: Any = None) -> optax.GradientTransformation:
+    """optax optimizer of ``cfg``: schedule, clipping by global norm, skip on non-finite.
+
+    The learning rate and the clipping norm are injected hyperparameters (state, not
+    constants), so one compiled update serves members with different values under
+    ``jax.vmap``; ``lr``/``grad_clip`` (default: ``cfg``'s) may be traced. A clipping norm of
+    0 (disabled) becomes ``inf``: clipping by an infinite norm returns the gradient as is.
+    """
+    lr = cfg.lr if lr is None else lr
+    grad_clip = cfg.grad_clip if grad_clip is None else grad_clip
+    if isinstance(grad_clip, (int, float)):
+        grad_clip = grad_clip if grad_clip > 0 else jnp.inf
+
+    def transform(learning_rate: Any, max_norm: Any) -> optax.GradientTransformation:
+        schedules = {
+            "constant": lambda: optax.constant_schedule(learning_rate),
+            "cosine": lambda: optax.cosine_decay_schedule(learning_rate, decay_steps=cfg.iters),
+            "linear": lambda: optax.linear_schedule(
+                learning_rate, 0.0, transition_steps=cfg.iters
+            ),
+        }
+        schedule = schedules[cfg.lr_schedule]()
+        optimizers = {
+            "adam": lambda: optax.adam(schedule),
+            "adamw": lambda: optax.adamw(schedule, weight_decay=ADAMW_WEIGHT_DECAY),
+            "sgd": lambda: optax.sgd(schedule),
+        }
+        return optax.chain(optax.clip_by_global_norm(max_norm), optimizers[cfg.optimizer]())
+
+    injected = optax.inject_hyperparams(transform)(learning_rate=lr, max_norm=grad_clip)
+    return optax.apply_if_finite(injected, max_consecutive_errors=_NEVER_GIVE_UP)
+
+
+def member_hyperparams(cfgs: list[Any], dtype: Any) -> tuple[Any, Any]:
+    """The members' learning rates and clipping norms (``inf`` where disabled) as ``[M]``
+    arrays of the parameters' ``dtype`` (optax's clipping needs them to agree)."""
+    lrs = jnp.asarray([float(cfg.lr) for cfg in cfgs], dtype=dtype)
+    clips = [float(c.grad_clip) if c.grad_clip > 0 else np.inf for c in cfgs]
+    clips = jnp.asarray(clips, dtype=dtype)
+    return lrs, clips
 
 
 def step_metrics(loss: Any, returns: Any, grads: Any) -> Any:
-    """``GRADIENT_STEP_METRICS`` as one vector: one transfer brings them to the host."""
+    """``GRADIENT_STEP_METRICS`` of one member as one vector (vmapped over a pack's members,
+    so one transfer brings every member's metrics to the host)."""
     leaves = [jnp.ravel(g) for g in jax.tree_util.tree_leaves(grads)]
     flat = jnp.concatenate(leaves)
     return jnp.stack(
@@ -79,13 +104,30 @@ def step_metrics(loss: Any, returns: Any, grads: Any) -> Any:
     )
 
 
-class Trainer:
-    """Gradient descent on ``loss_fn`` with one jitted update per iteration."""
+def stack_members(trees: list[Any]) -> Any:
+    """Member trees stacked along a new leading (member) axis."""
+    return stack_trees(jnp, trees)
 
-    def __init__(self, loss_fn: LossFn, params: Any, cfg: Any):
-        self.params = params
+
+class Trainer:
+    """Gradient descent for a pack of ``M`` members with one jitted update per iteration.
+
+    ``loss_fn(params, inputs) -> (losses [M], returns [M, B])`` takes parameters and inputs
+    with a leading member axis; members are independent, so the gradient of the sum of the
+    losses is every member's own gradient. The optax update runs under ``jax.vmap`` over
+    the members, each with its own state and injected learning rate and clipping norm, so a
+    member's steps are those of its lone run (a lone run is a pack of one).
+    """
+
+    def __init__(self, loss_fn: LossFn, params: list[Any], cfgs: list[Any]):
+        self.params = stack_members(params)
+        cfg = cfgs[0]  # the fields that may not differ inside a pack come from any member
         self._transform = make_optimizer(cfg)
-        self._opt_state = self._transform.init(params)
+        dtype = jax.tree_util.tree_leaves(self.params)[0].dtype
+        lrs, clips = member_hyperparams(cfgs, dtype)
+        self._opt_state = jax.vmap(
+            lambda p, lr, clip: make_optimizer(cfg, lr, clip).init(p)
+        )(self.params, lrs, clips)
         self._update = jax.jit(self._make_update(loss_fn))
         self._returns = jax.jit(lambda p, inputs: loss_fn(p, inputs)[1])
         self._grads = None
@@ -93,11 +135,18 @@ class Trainer:
     def _make_update(self, loss_fn: LossFn) -> Callable:
         transform = self._transform
 
+        def total_loss(params, inputs):
+            losses, returns = loss_fn(params, inputs)
+            return jnp.sum(losses), (losses, returns)
+
         def update(params, opt_state, inputs):
-            (loss, returns), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, inputs)
-            updates, opt_state = transform.update(grads, opt_state, params)
+            (_, (losses, returns)), grads = jax.value_and_grad(total_loss, has_aux=True)(
+                params, inputs
+            )
+            updates, opt_state = jax.vmap(transform.update)(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-            return params, opt_state, step_metrics(loss, returns, grads), grads
+            metrics = jax.vmap(step_metrics)(losses, returns, grads)
+            return params, opt_state, metrics, grads
 
         return update
 
@@ -111,8 +160,8 @@ class Trainer:
                 jax.block_until_ready(self._returns(self.params, batch))
         return time.perf_counter() - began
 
-    def step(self, inputs: Any) -> list[float]:
-        """One update; ``GRADIENT_STEP_METRICS`` at the parameters before it."""
+    def step(self, inputs: Any) -> list[list[float]]:
+        """One update of every member; per member ``GRADIENT_STEP_METRICS`` before it."""
         self.params, self._opt_state, metrics, self._grads = self._update(
             self.params, self._opt_state, inputs
         )
@@ -122,13 +171,16 @@ class Trainer:
         """The current parameters (jax arrays are immutable: no copy needed)."""
         return self.params
 
-    def returns(self, params: Any, inputs: Any) -> np.ndarray:
-        """The return ``[B]`` of ``params`` from ``inputs``, on the host."""
-        return np.asarray(self._returns(params, inputs))
+    member = staticmethod(member_of)
 
-    def gradients(self) -> np.ndarray:
-        """The gradient of the last step, flat, on the host (for histograms)."""
-        return np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(self._grads)])
+    def returns(self, inputs: Any) -> np.ndarray:
+        """The returns ``[M, B]`` of the current parameters from ``inputs``, on the host."""
+        return np.asarray(self._returns(self.params, inputs))
+
+    def gradients(self, index: int) -> np.ndarray:
+        """Member ``index``'s gradient of the last step, flat, on the host (for histograms)."""
+        leaves = jax.tree_util.tree_leaves(member_of(self._grads, index))
+        return np.concatenate([np.ravel(g) for g in leaves])
 
 
 # ---------------------------------------------------------------------- zeroth order (CEM)
@@ -149,3 +201,23 @@ def top_k_indices(values: Any, k: int) -> Any:
 def take_along_axis(values: Any, indices: Any, axis: int) -> Any:
     """``numpy.take_along_axis`` on jax arrays (indices broadcast)."""
     return jnp.take_along_axis(values, indices, axis=axis)
+
+
+def member_generators(backend: Any, seeds: list[int]) -> Any:
+    """One PRNG key per pack member (a key array ``[M]``), each that of its lone run."""
+    keys = [backend.generator(seed) for seed in seeds]
+    return jax.random.wrap_key_data(jnp.stack([jax.random.key_data(key) for key in keys]))
+
+
+def split_members(backend: Any, rngs: Any) -> tuple[Any, Any]:
+    """``(next keys, keys)``: each member's ``split(key, 2)`` in one vmapped call."""
+    pairs = _split_pairs(rngs)
+    return pairs[:, 0], pairs[:, 1]
+
+
+_split_pairs = jax.jit(jax.vmap(lambda key: jax.random.split(key, 2)))
+
+
+def member_normal(backend: Any, rngs: Any, shape: tuple[int, ...]) -> Any:
+    """``[M, *shape]`` standard normal samples, member ``m``'s from its own key."""
+    return jax.vmap(lambda key: backend.normal(key, shape))(rngs)

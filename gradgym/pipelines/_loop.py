@@ -1,8 +1,12 @@
 """The iteration loop every pipeline shares: time, report, keep the best, stop on non-finite.
 
-A pipeline hands over an *optimizer* with the small interface of the backend trainers
-(``compile``, ``step``, ``snapshot``, ``returns``, ``gradients``, ``params``); this module
-never touches arrays beyond the host values the optimizer returns.
+The loop drives a *pack*: ``M`` members (configs that differ only in seed and in packable
+hyperparameters) optimized by one vectorized optimizer; a lone run is a pack of one. A
+pipeline hands over an *optimizer* with the small interface of the backend trainers
+(``compile``, ``step``, ``snapshot``, ``member``, ``returns``, ``gradients``, ``params``):
+``step`` returns one row of host metrics per member (one transfer for the whole pack).
+This module never touches arrays beyond those host values; every member keeps its own
+history, best score and report callback, exactly as if it ran alone.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -24,116 +28,177 @@ from gradgym.pipelines.base import (
     as_reporter,
 )
 
+# A member's outcome: its result, or the error that stopped it (the others go on).
+MemberOutcome = Union[PipelineResult, NonFiniteReturnError]
+
 
 @dataclass
 class LoopSpec:
-    """How to drive one optimization.
+    """How to drive one pack of optimizations (sequences hold one entry per member).
 
     Attributes:
-        name: what runs, for messages (e.g. ``"trajectory on CartPole (torch)"``).
+        names: what each member runs, for messages (e.g. ``"trajectory on CartPole (torch)"``).
         iters: number of iterations.
-        steps_per_iter: env steps simulated per iteration (for ``env_steps_per_s``).
-        step_metrics: names of the values ``optimizer.step`` returns.
-        next_inputs: iteration index -> the inputs of that iteration's step.
-        eval_inputs: held-out inputs scored every ``eval_every`` iterations, or ``None`` to
-            score each iteration by its own ``return_mean`` (fixed start states).
+        steps_per_iter: env steps one member simulates per iteration (``env_steps_per_s``).
+        step_metrics: names of the values of one member's row of ``optimizer.step``.
+        next_inputs: iteration index -> the (packed) inputs of that iteration's step.
+        eval_inputs: held-out (packed) inputs scored every ``eval_every`` iterations, or
+            ``None`` to score each iteration by its own ``return_mean`` (fixed start states).
         eval_every: how often to evaluate ``eval_inputs``.
-        render: parameters -> video frames, or ``None`` not to render.
-        grad_hist_every: report the gradient every that many iterations (0: never).
+        render: per member, its parameters -> video frames, or ``None`` not to render.
+        grad_hist_every: per member, report the gradient every that many iterations (0: never).
     """
 
-    name: str
+    names: Sequence[str]
     iters: int
     steps_per_iter: int
     step_metrics: Sequence[str]
     next_inputs: Callable[[int], Any]
+    render: Sequence[Optional[Callable[[Any], list[np.ndarray]]]]
+    grad_hist_every: Sequence[int]
     eval_inputs: Any = None
     eval_every: int = 1
-    render: Optional[Callable[[Any], list[np.ndarray]]] = None
-    grad_hist_every: int = 0
 
 
-def run_loop(optimizer: Any, spec: LoopSpec, report: Report | Reporter | None) -> PipelineResult:
-    """Run ``spec.iters`` iterations of ``optimizer``, reporting each, and finish."""
-    return _Run(optimizer, spec, as_reporter(report)).run()
+def run_loop(
+    optimizer: Any, spec: LoopSpec, reports: Sequence[Report | Reporter | None]
+) -> list[MemberOutcome]:
+    """Run ``spec.iters`` iterations of the pack ``optimizer``, reporting each member's
+    iterations to its own callback; one outcome per member.
+
+    A member whose return becomes non-finite is finished (its final call made) at that
+    iteration and its outcome is the :class:`NonFiniteReturnError`; the others go on.
+    """
+    return _Pack(optimizer, spec, reports).run()
 
 
-class _Run:
-    """The state of one run: history, best score so far, timing."""
+class _Pack:
+    """The shared part of a pack's run: inputs, timing, the optimizer."""
 
-    def __init__(self, optimizer: Any, spec: LoopSpec, report: Reporter):
-        self.optimizer, self.spec, self.report = optimizer, spec, report
+    def __init__(self, optimizer: Any, spec: LoopSpec, reports: Sequence[Report | Reporter | None]):
+        self.optimizer, self.spec = optimizer, spec
         self.began = time.perf_counter()
-        self.compile_time = 0.0
-        self.best_score, self.best_params = -math.inf, None
-        self.history: list[dict[str, float]] = []
+        self.members = [
+            _Member(index, spec, as_reporter(report), self.began)
+            for index, report in enumerate(reports)
+        ]
 
-    def run(self) -> PipelineResult:
+    def run(self) -> list[MemberOutcome]:
         optimizer, spec = self.optimizer, self.spec
         first_inputs = spec.next_inputs(0)
-        self.compile_time = optimizer.compile(first_inputs, spec.eval_inputs)
-        initial_video = spec.render(optimizer.params) if spec.render else None
+        compile_time = optimizer.compile(first_inputs, spec.eval_inputs)
+        for member in self.members:
+            member.compile_time = compile_time
+            member.render_initial(optimizer)
 
         for iteration in range(spec.iters):
+            if not any(member.active for member in self.members):
+                break
             inputs = first_inputs if iteration == 0 else spec.next_inputs(iteration)
-            metrics = self.iterate(iteration, inputs)
-            artifacts: dict[str, Any] = {}
-            if iteration == 0 and initial_video is not None:
-                artifacts["video_initial"] = initial_video
-            if spec.grad_hist_every and iteration % spec.grad_hist_every == 0:
-                artifacts["gradients"] = optimizer.gradients()
-            self.report.iteration(metrics, iteration, artifacts or None)
-            self.history.append(metrics)
-            self.stop_if_not_finite(iteration, metrics)
+            self.iterate(iteration, inputs)
 
         final_inputs = spec.eval_inputs if spec.eval_inputs is not None else first_inputs
-        final_return = _mean(optimizer.returns(optimizer.params, final_inputs))
-        if final_return > self.best_score or self.best_params is None:
-            self.best_score, self.best_params = final_return, optimizer.snapshot()
-        return self.finish(final_return)
+        finals = np.mean(optimizer.returns(final_inputs), axis=1).tolist()
+        for member in self.members:
+            if member.active:
+                member.finish_last(optimizer, finals[member.index])
+        return [member.outcome for member in self.members]
 
-    def iterate(self, iteration: int, inputs: Any) -> dict[str, float]:
-        """One optimizer step (and evaluation, when due); its metrics."""
+    def iterate(self, iteration: int, inputs: Any) -> None:
+        """One optimizer step of the pack (and evaluation, when due); each member reports."""
         optimizer, spec = self.optimizer, self.spec
         evaluating = spec.eval_inputs is not None and iteration % spec.eval_every == 0
         scored = spec.eval_inputs is None or evaluating
         before = optimizer.snapshot() if scored else None
+        eval_returns = None
         if evaluating:
-            eval_return = _mean(optimizer.returns(optimizer.params, spec.eval_inputs))
+            eval_returns = np.mean(optimizer.returns(spec.eval_inputs), axis=1).tolist()
 
         started = time.perf_counter()
-        values = optimizer.step(inputs)
+        rows = optimizer.step(inputs)
         elapsed = time.perf_counter() - started
 
-        metrics = dict(zip(spec.step_metrics, values))
-        metrics["iter_time_s"] = elapsed
-        metrics["env_steps_per_s"] = spec.steps_per_iter / elapsed
-        metrics["env_steps"] = float(spec.steps_per_iter * (iteration + 1))
-        if evaluating:
-            metrics[EVAL_METRIC] = eval_return
-        if scored:  # the metrics describe the parameters before the step: keep those
-            score = metrics[EVAL_METRIC] if evaluating else metrics["return_mean"]
-            if score > self.best_score:
-                self.best_score, self.best_params = score, before
-        return metrics
+        for member in self.members:
+            if not member.active:
+                continue
+            metrics = dict(zip(spec.step_metrics, rows[member.index]))
+            metrics["iter_time_s"] = elapsed
+            metrics["env_steps_per_s"] = spec.steps_per_iter / elapsed
+            metrics["env_steps"] = float(spec.steps_per_iter * (iteration + 1))
+            if evaluating:
+                metrics[EVAL_METRIC] = eval_returns[member.index]
+            member.record(optimizer, iteration, metrics, before if scored else None)
 
-    def stop_if_not_finite(self, iteration: int, metrics: dict[str, float]) -> None:
-        """Finish (reporting what there is) and raise when a return is NaN or infinite."""
+
+class _Member:
+    """The state of one member: its report, history, best score so far, outcome."""
+
+    def __init__(self, index: int, spec: LoopSpec, report: Reporter, began: float):
+        self.index, self.spec, self.report, self.began = index, spec, report, began
+        self.render = spec.render[index]
+        self.grad_hist_every = spec.grad_hist_every[index]
+        self.compile_time = 0.0
+        self.best_score, self.best_params = -math.inf, None
+        self.history: list[dict[str, float]] = []
+        self.initial_video: Optional[list[np.ndarray]] = None
+        self.outcome: Optional[MemberOutcome] = None
+
+    @property
+    def active(self) -> bool:
+        return self.outcome is None
+
+    def render_initial(self, optimizer: Any) -> None:
+        if self.render is not None:
+            self.initial_video = self.render(optimizer.member(optimizer.params, self.index))
+
+    def record(
+        self, optimizer: Any, iteration: int, metrics: dict[str, float], before: Any
+    ) -> None:
+        """Keep the best parameters, report the iteration, stop on a non-finite return.
+
+        ``before`` is the pack's snapshot of the parameters the metrics describe (or ``None``
+        when this iteration is not scored); only this member's part of it is kept.
+        """
+        if before is not None:
+            score = metrics.get(EVAL_METRIC, metrics["return_mean"])
+            if score > self.best_score:
+                self.best_score = score
+                self.best_params = optimizer.member(before, self.index)
+        artifacts: dict[str, Any] = {}
+        if iteration == 0 and self.initial_video is not None:
+            artifacts["video_initial"] = self.initial_video
+        if self.grad_hist_every and iteration % self.grad_hist_every == 0:
+            artifacts["gradients"] = optimizer.gradients(self.index)
+        self.report.iteration(metrics, iteration, artifacts or None)
+        self.history.append(metrics)
+        self.stop_if_not_finite(optimizer, iteration, metrics)
+
+    def stop_if_not_finite(self, optimizer: Any, iteration: int, metrics: dict[str, float]) -> None:
+        """Finish (reporting what there is) and keep the error when a return is NaN/inf."""
         for key in ("return_mean", EVAL_METRIC):
             value = metrics.get(key, 0.0)
             if not math.isfinite(value):
-                self.finish(final_return=value)
-                raise NonFiniteReturnError(
-                    f"{self.spec.name}: {key} became {value} at iteration {iteration}; stopped "
-                    f"after reporting {len(self.history)} iterations (best return so far "
-                    f"{self.best_score:.4g}). Lower the learning rate or set grad_clip."
+                self.finish(optimizer, final_return=value)
+                self.outcome = NonFiniteReturnError(
+                    f"{self.spec.names[self.index]}: {key} became {value} at iteration "
+                    f"{iteration}; stopped after reporting {len(self.history)} iterations (best "
+                    f"return so far {self.best_score:.4g}). Lower the learning rate or set "
+                    f"grad_clip."
                 )
+                return
 
-    def finish(self, final_return: float) -> PipelineResult:
+    def finish_last(self, optimizer: Any, final_return: float) -> None:
+        """Finish after the last iteration: the final parameters may be the best."""
+        if final_return > self.best_score or self.best_params is None:
+            self.best_score = final_return
+            self.best_params = optimizer.member(optimizer.snapshot(), self.index)
+        self.outcome = self.finish(optimizer, final_return)
+
+    def finish(self, optimizer: Any, final_return: float) -> PipelineResult:
         """Report the final metrics and the best trajectory's video; build the result."""
         artifacts = {}
-        if self.spec.render is not None and self.best_params is not None:
-            artifacts["video_best"] = self.spec.render(self.best_params)
+        if self.render is not None and self.best_params is not None:
+            artifacts["video_best"] = self.render(self.best_params)
         final = {
             "compile_time_s": self.compile_time,
             "best_return": self.best_score,
@@ -147,10 +212,6 @@ class _Run:
             wall_time_s=time.perf_counter() - self.began,
             iterations=len(self.history),
             history=self.history,
-            params=self.optimizer.params,
+            params=optimizer.member(optimizer.params, self.index),
             best_params=self.best_params,
         )
-
-
-def _mean(values: np.ndarray) -> float:
-    return float(np.mean(values))

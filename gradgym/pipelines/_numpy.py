@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gradgym.pipelines._rollout import loop_scan
+from gradgym.pipelines._rollout import loop_scan, split_each
 
 xp = np
 no_grad = contextlib.nullcontext
@@ -38,3 +38,16 @@ def top_k_indices(values: np.ndarray, k: int) -> np.ndarray:
 def take_along_axis(values: np.ndarray, indices: np.ndarray, axis: int) -> np.ndarray:
     """``numpy.take_along_axis`` (indices broadcast)."""
     return np.take_along_axis(values, indices, axis=axis)
+
+
+def member_generators(backend: Any, seeds: list[int]) -> list[np.random.Generator]:
+    """One sampling generator per pack member, each that of its lone run."""
+    return [backend.generator(seed) for seed in seeds]
+
+
+split_members = split_each
+
+
+def member_normal(backend: Any, rngs: list[np.random.Generator], shape: tuple[int, ...]) -> np.ndarray:
+    """``[M, *shape]`` standard normal samples, member ``m``'s from its own generator."""
+    return np.stack([backend.normal(rng, shape) for rng in rngs])

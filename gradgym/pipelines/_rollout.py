@@ -70,6 +70,13 @@ def host_uniform(env: Env, rng: np.random.Generator, shape: tuple[int, ...], sca
     return env.backend.asarray(rng.uniform(-scale, scale, size=shape))
 
 
+def split_each(backend: Any, rngs: list[Any]) -> tuple[list[Any], list[Any]]:
+    """``(next generators, keys)``: each member's ``backend.split(rng, 2)``, as a lone run
+    splits its generator once per iteration (numpy and torch generators)."""
+    pairs = [backend.split(rng, 2) for rng in rngs]
+    return [pair[0] for pair in pairs], [pair[1] for pair in pairs]
+
+
 # ---------------------------------------------------------------------- trees
 
 
@@ -94,6 +101,36 @@ def tree_leaves(tree: Any) -> list[Any]:
 def first_of_batch(tree: Any) -> Any:
     """The first element of a batched tree, kept as a batch of one."""
     return tree_map(lambda leaf: leaf[0:1], tree)
+
+
+def stack_trees(xp: Any, trees: list[Any]) -> Any:
+    """Trees of the same structure stacked leaf by leaf along a new leading (member) axis."""
+    columns = [xp.stack(list(column)) for column in zip(*(tree_leaves(t) for t in trees))]
+    counter = iter(range(len(columns)))
+    return tree_map(lambda leaf: columns[next(counter)], trees[0])
+
+
+def member_of(tree: Any, index: int) -> Any:
+    """Member ``index`` of a tree whose leaves have a leading member axis."""
+    return tree_map(lambda leaf: leaf[index], tree)
+
+
+def fold_members(xp: Any, tree: Any) -> Any:
+    """Fold the member axis into the batch axis: leaves ``[M, B, ...]`` -> ``[M * B, ...]``.
+
+    Members are independent rows of one bigger batch, so a pack steps its env once per
+    time step (and MuJoCo's bridge sees one batch) instead of once per member.
+    """
+
+    def fold(leaf: Any) -> Any:
+        return xp.reshape(leaf, (leaf.shape[0] * leaf.shape[1],) + tuple(leaf.shape[2:]))
+
+    return tree_map(fold, tree)
+
+
+def member_states(env: Env, seeds: list[Any], batch: int) -> Any:
+    """Each member's :func:`start_states` (from its own seed or generator), ``[M, B, ...]``."""
+    return stack_trees(env.xp, [start_states(env, seed, batch) for seed in seeds])
 
 
 # ---------------------------------------------------------------------- rollouts

@@ -17,7 +17,14 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from gradgym.pipelines._rollout import loop_scan, tree_leaves, tree_map
+from gradgym.pipelines._rollout import (
+    loop_scan,
+    member_of,
+    split_each,
+    stack_trees,
+    tree_leaves,
+    tree_map,
+)
 from gradgym.pipelines.config import ADAMW_WEIGHT_DECAY
 
 xp = torch
@@ -57,19 +64,60 @@ def make_optimizer(params: list[torch.Tensor], cfg: Any):
     return optimizer, schedulers[cfg.lr_schedule]()
 
 
-class Trainer:
-    """Gradient descent on ``loss_fn`` with torch autograd and a ``torch.optim`` optimizer."""
+def stack_members(trees: list[Any]) -> Any:
+    """Member trees stacked along a new leading (member) axis."""
+    return stack_trees(torch, trees)
 
-    def __init__(self, loss_fn: LossFn, params: Any, cfg: Any):
+
+class _Member:
+    """One member's leaf tensors, ``torch.optim`` optimizer and scheduler."""
+
+    def __init__(self, params: Any, cfg: Any):
         self.params = tree_map(lambda p: p.detach().clone().requires_grad_(True), params)
-        self._leaves = tree_leaves(self.params)
-        for leaf in self._leaves:
+        self.leaves = tree_leaves(self.params)
+        for leaf in self.leaves:
             leaf.grad = torch.zeros_like(leaf)
-        self._optimizer, self._scheduler = make_optimizer(self._leaves, cfg)
+        self.optimizer, self.scheduler = make_optimizer(self.leaves, cfg)
+        self.grad_clip = float(cfg.grad_clip)
+
+    def update(self, grad_norm: torch.Tensor) -> None:
+        """Clip (with the norm already computed) and step, as a lone run does."""
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(
+                self.leaves, self.grad_clip, grad_norm, foreach=True
+            )
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+
+class Trainer:
+    """Gradient descent for a pack of ``M`` members with torch autograd and ``torch.optim``.
+
+    ``loss_fn(params, inputs) -> (losses [M], returns [M, B])`` takes parameters with a
+    leading member axis and computes every member at once (the pipelines fold the members
+    into the env batch), so a pack costs one eager rollout instead of ``M``. Each member
+    keeps its own leaf tensors, optimizer, scheduler and clipping: they are stacked for the
+    forward pass, and each member's gradient lands in its own leaves. Members are
+    independent, so the gradient of the sum of the losses is every member's own gradient;
+    a member's steps are those of its lone run (a lone run is a pack of one).
+    """
+
+    def __init__(self, loss_fn: LossFn, params: list[Any], cfgs: list[Any]):
+        self._members = [_Member(p, cfg) for p, cfg in zip(params, cfgs)]
         self._loss_fn = loss_fn
-        self._grad_clip = cfg.grad_clip
-        self._compiled = bool(cfg.torch_compile)
+        self._compiled = bool(cfgs[0].torch_compile)
         self._flat_grad: Optional[torch.Tensor] = None
+
+    @property
+    def params(self) -> Any:
+        """The current parameters with a leading member axis (a detached copy)."""
+        with torch.no_grad():
+            return stack_members([member.params for member in self._members])
+
+    def _stacked(self) -> Any:
+        """The members' leaves stacked for the forward pass (gradients flow back to them)."""
+        return stack_members([member.params for member in self._members])
 
     def compile(self, inputs: Any, eval_inputs: Optional[Any] = None) -> float:
         """Trigger ``torch.compile`` (a gradient and an evaluation on a copy of the
@@ -77,53 +125,63 @@ class Trainer:
         if not self._compiled:
             return 0.0
         began = time.perf_counter()
-        scratch = tree_map(lambda p: p.detach().clone().requires_grad_(True), self.params)
-        loss, _ = self._loss_fn(scratch, inputs)
-        loss.backward()
+        scratch = tree_map(lambda p: p.requires_grad_(True), self.params)
+        losses, _ = self._loss_fn(scratch, inputs)
+        losses.sum().backward()
         for batch in (inputs, eval_inputs):
             if batch is not None:
-                self.returns(scratch, batch)
+                with torch.no_grad():
+                    self._loss_fn(scratch, batch)
         return time.perf_counter() - began
 
-    def step(self, inputs: Any) -> list[float]:
-        """One update; ``GRADIENT_STEP_METRICS`` at the parameters before it."""
-        loss, returns = self._loss_fn(self.params, inputs)
-        self._optimizer.zero_grad(set_to_none=False)  # zeros where the loss has no path
-        if loss.requires_grad:  # e.g. a constant reward whose only dependence is through done
-            loss.backward()
-        flat = torch.cat([p.grad.reshape(-1) for p in self._leaves])
+    def step(self, inputs: Any) -> list[list[float]]:
+        """One update of every member; per member ``GRADIENT_STEP_METRICS`` before it."""
+        losses, returns = self._loss_fn(self._stacked(), inputs)
+        for member in self._members:
+            member.optimizer.zero_grad(set_to_none=False)  # zeros where the loss has no path
+        if losses.requires_grad:  # e.g. a constant reward whose only dependence is via done
+            losses.sum().backward()
+        flat = self._flat_gradients()
+        grad_norms = torch.linalg.vector_norm(flat, dim=1)
         metrics = torch.stack(
             [
-                returns.mean(),
-                returns.min(),
-                returns.max(),
-                loss.detach(),
-                torch.linalg.vector_norm(flat),
-                flat.abs().max(),
-                (~torch.isfinite(flat)).sum().to(flat.dtype),
-            ]
+                returns.mean(dim=1),
+                returns.amin(dim=1),
+                returns.amax(dim=1),
+                losses.detach(),
+                grad_norms,
+                flat.abs().amax(dim=1),
+                (~torch.isfinite(flat)).sum(dim=1).to(flat.dtype),
+            ],
+            dim=1,
         ).tolist()  # the one host sync of the iteration
         self._flat_grad = flat
-        if metrics[-1] == 0:  # every gradient entry is finite
-            if self._grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self._leaves, self._grad_clip, foreach=True)
-            self._optimizer.step()
-            if self._scheduler is not None:
-                self._scheduler.step()
+        norms = grad_norms.unbind()
+        for member, row, norm in zip(self._members, metrics, norms):
+            if row[-1] == 0:  # every gradient entry of this member is finite
+                member.update(norm)
         return metrics
 
+    def _flat_gradients(self) -> torch.Tensor:
+        """Every member's gradient, flat: ``[M, n_params]``."""
+        columns = zip(*(member.leaves for member in self._members))
+        grads = [torch.stack([leaf.grad for leaf in column]) for column in columns]
+        return torch.cat([g.reshape(len(self._members), -1) for g in grads], dim=1)
+
     def snapshot(self) -> Any:
-        """A copy of the current parameters (the optimizer updates them in place)."""
-        return tree_map(lambda p: p.detach().clone(), self.params)
+        """A copy of the current parameters (the optimizers update them in place)."""
+        return self.params
 
-    def returns(self, params: Any, inputs: Any) -> np.ndarray:
-        """The return ``[B]`` of ``params`` from ``inputs``, on the host."""
+    member = staticmethod(member_of)
+
+    def returns(self, inputs: Any) -> np.ndarray:
+        """The returns ``[M, B]`` of the current parameters from ``inputs``, on the host."""
         with torch.no_grad():
-            return self._loss_fn(params, inputs)[1].numpy()
+            return self._loss_fn(self.params, inputs)[1].numpy()
 
-    def gradients(self) -> np.ndarray:
-        """The gradient of the last step (before clipping), flat, on the host."""
-        return self._flat_grad.numpy().copy()
+    def gradients(self, index: int) -> np.ndarray:
+        """Member ``index``'s gradient of the last step (before clipping), flat, on the host."""
+        return self._flat_grad[index].numpy().copy()
 
 
 # ---------------------------------------------------------------------- zeroth order (CEM)
@@ -142,3 +200,16 @@ def top_k_indices(values: torch.Tensor, k: int) -> torch.Tensor:
 def take_along_axis(values: torch.Tensor, indices: torch.Tensor, axis: int) -> torch.Tensor:
     """``numpy.take_along_axis`` on tensors (indices broadcast)."""
     return torch.take_along_dim(values, indices, dim=axis)
+
+
+def member_generators(backend: Any, seeds: list[int]) -> list[torch.Generator]:
+    """One sampling generator per pack member, each that of its lone run."""
+    return [backend.generator(seed) for seed in seeds]
+
+
+split_members = split_each
+
+
+def member_normal(backend: Any, rngs: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    """``[M, *shape]`` standard normal samples, member ``m``'s from its own generator."""
+    return torch.stack([backend.normal(rng, shape) for rng in rngs])

@@ -14,24 +14,28 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from gradgym.envs.backends import AUTODIFF_BACKENDS
 from gradgym.envs.core import Env
-from gradgym.pipelines._loop import GRADIENT_STEP_METRICS, LoopSpec, run_loop
+from gradgym.pipelines._loop import GRADIENT_STEP_METRICS, LoopSpec, MemberOutcome, run_loop
+from gradgym.pipelines._pack import check_pack, lone_outcome, member_names
 from gradgym.pipelines._rollout import (
     backend_ops,
+    fold_members,
     host_rng,
     initial_carry,
+    member_states,
     record_frames,
     rollout_returns,
+    stack_trees,
     start_states,
     transition,
 )
-from gradgym.pipelines.base import EVAL_METRIC, PipelineResult, Report
-from gradgym.pipelines.config import PolicyConfig, validate_config
+from gradgym.pipelines.base import EVAL_METRIC, PipelineResult, Report, no_report
+from gradgym.pipelines.config import PolicyConfig
 from gradgym.pipelines.registry import PipelineSpec, register
 
 WEIGHTS_STREAM, TRAIN_STREAM, EVAL_STREAM = 1, 2, 3  # host_rng streams of a run's seed
@@ -69,6 +73,30 @@ def policy_loss(
     return -ops.xp.mean(returns), returns
 
 
+def packed_mlp_action(xp: Any, params: list[tuple[Any, Any]], obs: Any, unused: Any = None) -> Any:
+    """The actions ``[M * B, act_dim]`` of a pack of ``M`` policies (weights ``[M, in, out]``,
+    biases ``[M, out]``) for its members' observations folded into one batch ``[M * B,
+    obs_dim]`` (member-major): each member's rows go through its own weights (batched
+    matmul), so the pack steps the env once per time step."""
+    members = params[0][0].shape[0]
+    hidden = xp.reshape(obs, (members, -1, obs.shape[-1]))
+    for weight, bias in params:
+        hidden = xp.tanh(hidden @ weight + bias[:, None, :])
+    return xp.reshape(hidden, (-1, hidden.shape[-1]))
+
+
+def packed_policy_loss(
+    env: Env, ops: Any, step: Any, horizon: int, grad_horizon: int, params: Any, start: Any
+) -> tuple[Any, Any]:
+    """``(losses [M], returns [M, B])`` of a pack's policies from its start states ``[M, B]``."""
+    xp = ops.xp
+    _, returns = policy_loss(
+        env, ops, step, horizon, grad_horizon, params, fold_members(xp, start)
+    )
+    returns = xp.reshape(returns, (params[0][0].shape[0], -1))
+    return -xp.mean(returns, axis=1), returns
+
+
 def optimize(
     env: Env, cfg: Optional[PolicyConfig] = None, seed: int = 0, report: Optional[Report] = None
 ) -> PipelineResult:
@@ -89,39 +117,61 @@ def optimize(
         NonFiniteReturnError: the return became NaN/inf (everything so far is reported).
     """
     cfg = cfg if cfg is not None else PolicyConfig()
-    validate_config(cfg, "policy")
+    return lone_outcome(optimize_pack(env, [cfg], [seed], [report or no_report]))
+
+
+def optimize_pack(
+    env: Env, cfgs: Sequence[PolicyConfig], seeds: Sequence[int], reports: Sequence[Report]
+) -> list[MemberOutcome]:
+    """Train a pack of policies at once; member ``i`` is ``optimize(env, cfgs[i], seeds[i],
+    reports[i])`` (see ``gradgym.pipelines.run_pack``).
+
+    Each member draws its weights, training and held-out start states from its own seed;
+    the members' start states are folded into one batch and each member's rows go through
+    its own weights, with its own optimizer state, learning rate and clipping.
+    """
+    check_pack("policy", cfgs, seeds, reports)
     ops = backend_ops(env, "policy", gradient=True)
+    cfg = cfgs[0]  # what may not differ inside a pack comes from any member
 
     sizes = [env.spec.obs_dim, *[int(h) for h in cfg.hidden], env.spec.act_dim]
-    params = init_mlp(env, host_rng(seed, WEIGHTS_STREAM), sizes)
-    train_rng = host_rng(seed, TRAIN_STREAM)
-    eval_start = start_states(env, host_rng(seed, EVAL_STREAM), cfg.eval_batch)
+    params = [init_mlp(env, host_rng(seed, WEIGHTS_STREAM), sizes) for seed in seeds]
+    train_rngs = [host_rng(seed, TRAIN_STREAM) for seed in seeds]
+    eval_starts = [
+        start_states(env, host_rng(seed, EVAL_STREAM), cfg.eval_batch) for seed in seeds
+    ]
     act = functools.partial(mlp_action, env.xp)
-    step = ops.compile_step(functools.partial(transition, env, act), cfg)
-    loss = functools.partial(policy_loss, env, ops, step, cfg.horizon, cfg.grad_horizon)
-    trainer = ops.Trainer(loss, params, cfg)
+    packed_act = functools.partial(packed_mlp_action, env.xp)
+    step = ops.compile_step(functools.partial(transition, env, packed_act), cfg)
+    loss = functools.partial(packed_policy_loss, env, ops, step, cfg.horizon, cfg.grad_horizon)
+    trainer = ops.Trainer(loss, params, cfgs)
 
-    def render(weights: Any) -> list:
-        return record_frames(ops, env, act, weights, eval_start, None, cfg.horizon)
+    def renderer(index: int) -> Any:
+        def render(weights: Any) -> list:
+            return record_frames(ops, env, act, weights, eval_starts[index], None, cfg.horizon)
+
+        return render if cfgs[index].render else None
 
     spec = LoopSpec(
-        name=f"policy on {env.spec.name} ({env.spec.backend})",
+        names=member_names(f"policy on {env.spec.name} ({env.spec.backend})", seeds),
         iters=cfg.iters,
         steps_per_iter=cfg.batch * cfg.horizon,
         step_metrics=GRADIENT_STEP_METRICS,
-        next_inputs=lambda iteration: start_states(env, train_rng, cfg.batch),
-        eval_inputs=eval_start,
+        next_inputs=lambda iteration: member_states(env, train_rngs, cfg.batch),
+        eval_inputs=stack_trees(env.xp, eval_starts),
         eval_every=cfg.eval_every,
-        render=render if cfg.render else None,
-        grad_hist_every=cfg.grad_hist_every,
+        render=[renderer(index) for index in range(len(cfgs))],
+        grad_hist_every=[member.grad_hist_every for member in cfgs],
     )
-    return run_loop(trainer, spec, report)
+    return run_loop(trainer, spec, reports)
 
 
 PIPELINE = register(PipelineSpec(
     name="policy",
     config=PolicyConfig,
     optimize=optimize,
+    optimize_pack=optimize_pack,
+    packable_fields=("lr", "grad_clip", "grad_hist_every", "render"),
     backends=AUTODIFF_BACKENDS,
     needs_gradients=True,
     step_metrics=GRADIENT_STEP_METRICS,

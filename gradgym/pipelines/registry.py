@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional
 
 from gradgym.pipelines.base import FINAL_METRICS, LOOP_METRICS
@@ -38,6 +38,12 @@ class PipelineSpec:
         eval_metric: the held-out score it reports every few iterations, if any.
         schedule_metric: the metric early-stopping schedulers (ASHA) should watch.
         summary: one line for listings.
+        optimize_pack: ``optimize_pack(env, cfgs, seeds, reports) -> [result or error]``:
+            configs that differ only in seed and ``packable_fields`` as one vectorized
+            computation, each member reporting what its lone run would.
+        packable_fields: the config fields that may differ inside a pack: per-member
+            hyperparameters and what only decides what a member reports. Every other field
+            shapes the shared computation and must be equal.
     """
 
     name: str
@@ -49,6 +55,8 @@ class PipelineSpec:
     eval_metric: Optional[str] = None
     schedule_metric: str = "return_mean"
     summary: str = ""
+    optimize_pack: Optional[Callable[..., list[Any]]] = None
+    packable_fields: tuple[str, ...] = ()
 
     @property
     def iteration_metrics(self) -> tuple[str, ...]:
@@ -91,3 +99,27 @@ def get_pipeline(name: str) -> PipelineSpec:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown pipeline {name!r}{hint}; available: {', '.join(specs)}")
     return specs[name]
+
+
+def pack_key(cfg: Any, **context: Any) -> tuple:
+    """A hashable key: two configs may share a pack exactly when their keys are equal.
+
+    It holds the pipeline's name and every field that is not packable (the seed is not a
+    config field: members always differ in it). ``context`` adds what the config does not
+    hold and a pack must share, e.g. ``pack_key(cfg, env="Pendulum", backend="jax",
+    dtype="float32")``. ``cfg`` is a config dataclass or an omegaconf ``DictConfig`` of one.
+    """
+    spec = get_pipeline(getattr(cfg, "name", None))
+    shared = tuple(
+        (f.name, _hashable(getattr(cfg, f.name)))
+        for f in fields(spec.config)
+        if f.name not in spec.packable_fields
+    )
+    return shared + tuple(sorted((key, _hashable(value)) for key, value in context.items()))
+
+
+def _hashable(value: Any) -> Any:
+    """Lists (``hidden``, also omegaconf ``ListConfig``) as tuples, so keys hash."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        return value
+    return tuple(_hashable(item) for item in value)

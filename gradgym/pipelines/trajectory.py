@@ -16,23 +16,26 @@ to the env's backend, i.e. the same ``B`` start states on every backend. Example
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from gradgym.envs.backends import AUTODIFF_BACKENDS
 from gradgym.envs.core import Env
-from gradgym.pipelines._loop import GRADIENT_STEP_METRICS, LoopSpec, run_loop
+from gradgym.pipelines._loop import GRADIENT_STEP_METRICS, LoopSpec, MemberOutcome, run_loop
+from gradgym.pipelines._pack import check_pack, lone_outcome, member_names
 from gradgym.pipelines._rollout import (
     backend_ops,
+    fold_members,
     host_rng,
     host_uniform,
     initial_carry,
     record_frames,
     rollout_returns,
+    stack_trees,
     start_states,
     transition,
 )
-from gradgym.pipelines.base import PipelineResult, Report
-from gradgym.pipelines.config import TrajectoryConfig, validate_config
+from gradgym.pipelines.base import PipelineResult, Report, no_report
+from gradgym.pipelines.config import TrajectoryConfig
 from gradgym.pipelines.registry import PipelineSpec, register
 
 LOGITS_STREAM = 1  # host_rng stream of the initial logits
@@ -48,6 +51,20 @@ def open_loop_loss(env: Env, ops: Any, step: Any, horizon: int, logits: Any, sta
     time_major = ops.xp.moveaxis(logits, 1, 0)
     returns = rollout_returns(ops, step, None, initial_carry(env, start), time_major, horizon)
     return -ops.xp.mean(returns), returns
+
+
+def packed_open_loop_loss(
+    env: Env, ops: Any, step: Any, horizon: int, logits: Any, start: Any
+) -> tuple[Any, Any]:
+    """``(losses [M], returns [M, B])`` of a pack's logits ``[M, B, T, act_dim]`` from its
+    start states ``[M, B, ...]``: the members are folded into one batch of ``M * B``."""
+    xp = ops.xp
+    members, batch = logits.shape[0], logits.shape[1]
+    _, returns = open_loop_loss(
+        env, ops, step, horizon, fold_members(xp, logits), fold_members(xp, start)
+    )
+    returns = xp.reshape(returns, (members, batch))
+    return -xp.mean(returns, axis=1), returns
 
 
 def optimize(
@@ -70,37 +87,61 @@ def optimize(
         NonFiniteReturnError: the return became NaN/inf (everything so far is reported).
     """
     cfg = cfg if cfg is not None else TrajectoryConfig()
-    validate_config(cfg, "trajectory")
-    ops = backend_ops(env, "trajectory", gradient=True)
+    return lone_outcome(optimize_pack(env, [cfg], [seed], [report or no_report]))
 
-    start = start_states(env, seed, cfg.batch)
+
+def optimize_pack(
+    env: Env, cfgs: Sequence[TrajectoryConfig], seeds: Sequence[int], reports: Sequence[Report]
+) -> list[MemberOutcome]:
+    """Optimize a pack of trajectory configs at once; member ``i`` is ``optimize(env,
+    cfgs[i], seeds[i], reports[i])`` (see ``gradgym.pipelines.run_pack``).
+
+    Logits ``[M, B, T, act_dim]`` (each member's drawn from its own seed and ``init_scale``)
+    are rolled out as one batch of ``M * B`` start states; each member has its own optimizer
+    state, learning rate and clipping.
+    """
+    check_pack("trajectory", cfgs, seeds, reports)
+    ops = backend_ops(env, "trajectory", gradient=True)
+    cfg = cfgs[0]  # what may not differ inside a pack comes from any member
+
+    starts = [start_states(env, seed, cfg.batch) for seed in seeds]
     shape = (cfg.batch, cfg.horizon, env.spec.act_dim)
-    logits = host_uniform(env, host_rng(seed, LOGITS_STREAM), shape, cfg.init_scale)
+    logits = [
+        host_uniform(env, host_rng(seed, LOGITS_STREAM), shape, member.init_scale)
+        for seed, member in zip(seeds, cfgs)
+    ]
     act = functools.partial(open_loop_action, env.xp)
     step = ops.compile_step(functools.partial(transition, env, act), cfg)
     trainer = ops.Trainer(
-        functools.partial(open_loop_loss, env, ops, step, cfg.horizon), logits, cfg
+        functools.partial(packed_open_loop_loss, env, ops, step, cfg.horizon), logits, cfgs
     )
+    start = stack_trees(env.xp, starts)
 
-    def render(params: Any) -> list:
-        return record_frames(ops, env, act, None, start, ops.xp.moveaxis(params, 1, 0), cfg.horizon)
+    def renderer(index: int) -> Any:
+        def render(params: Any) -> list:
+            time_major = ops.xp.moveaxis(params, 1, 0)
+            return record_frames(ops, env, act, None, starts[index], time_major, cfg.horizon)
+
+        return render if cfgs[index].render else None
 
     spec = LoopSpec(
-        name=f"trajectory on {env.spec.name} ({env.spec.backend})",
+        names=member_names(f"trajectory on {env.spec.name} ({env.spec.backend})", seeds),
         iters=cfg.iters,
         steps_per_iter=cfg.batch * cfg.horizon,
         step_metrics=GRADIENT_STEP_METRICS,
         next_inputs=lambda iteration: start,
-        render=render if cfg.render else None,
-        grad_hist_every=cfg.grad_hist_every,
+        render=[renderer(index) for index in range(len(cfgs))],
+        grad_hist_every=[member.grad_hist_every for member in cfgs],
     )
-    return run_loop(trainer, spec, report)
+    return run_loop(trainer, spec, reports)
 
 
 PIPELINE = register(PipelineSpec(
     name="trajectory",
     config=TrajectoryConfig,
     optimize=optimize,
+    optimize_pack=optimize_pack,
+    packable_fields=("lr", "init_scale", "grad_clip", "grad_hist_every", "render"),
     backends=AUTODIFF_BACKENDS,
     needs_gradients=True,
     step_metrics=GRADIENT_STEP_METRICS,
