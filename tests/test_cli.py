@@ -127,18 +127,8 @@ def test_console_script_is_installed(tmp_path):
 
 @pytest.mark.slow
 def test_ui_serves_the_local_store_on_loopback_only(tmp_path):
-    port = free_port()
-    process = subprocess.Popen(
-        [shutil.which("gradgym"), "ui", "--port", str(port)], cwd=tmp_path, env=clean_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    process, port = _start_ui(tmp_path)
     try:
-        deadline = time.monotonic() + 180
-        addresses: set[str] = set()
-        while time.monotonic() < deadline and not _answers(port):
-            assert process.poll() is None, process.stdout.read().decode()[-2000:]
-            time.sleep(0.5)
-        assert _answers(port), "the dashboard did not come up"
         addresses = _listening_addresses(process.pid)
         assert addresses and all(ipaddress.ip_address(a.removeprefix("::ffff:")).is_loopback
                                  for a in addresses), addresses
@@ -152,17 +142,8 @@ def test_ui_serves_the_local_store_on_loopback_only(tmp_path):
 def test_ui_stops_everything_it_started_on_a_signal(tmp_path, stop_signal):
     """A process manager's SIGTERM (or Ctrl+C) to ``gradgym ui`` alone, not to its group:
     the MLflow server and its workers go too, and nothing listens on the port after."""
-    port = free_port()
-    process = subprocess.Popen(
-        [shutil.which("gradgym"), "ui", "--port", str(port)], cwd=tmp_path, env=clean_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    process, port = _start_ui(tmp_path)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not _answers(port):
-            assert process.poll() is None, process.stdout.read().decode()[-2000:]
-            time.sleep(0.5)
-        assert _answers(port), "the dashboard did not come up"
         started = {process.pid} | {c.pid for c in psutil.Process(process.pid).children(recursive=True)}
         assert len(started) >= 2, "the server runs in processes of its own"
         process.send_signal(stop_signal)  # to the command only, as `kill PID` does
@@ -179,6 +160,24 @@ def test_ui_stops_everything_it_started_on_a_signal(tmp_path, stop_signal):
         assert port not in listening
     finally:
         stop_process_group(process)
+
+
+def _start_ui(cwd) -> tuple[subprocess.Popen, int]:
+    """``gradgym ui`` on a free port, in its own process group, once it answers."""
+    port = free_port()
+    process = subprocess.Popen(
+        [shutil.which("gradgym"), "ui", "--port", str(port)], cwd=cwd, env=clean_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not _answers(port):
+        if process.poll() is not None:
+            raise AssertionError(process.stdout.read().decode()[-2000:])
+        time.sleep(0.5)
+    if not _answers(port):
+        stop_process_group(process)
+        raise AssertionError("the dashboard did not come up")
+    return process, port
 
 
 def _answers(port: int) -> bool:
