@@ -20,7 +20,6 @@ import numpy as np
 
 from gradgym.pipelines.base import (
     EVAL_METRIC,
-    GRADIENT_STEP_METRICS,  # noqa: F401 - re-exported: pipelines import it from here
     NonFiniteReturnError,
     PipelineResult,
     Report,

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gradgym.pipelines._rollout import loop_scan, split_each
+from gradgym.pipelines._rollout import generators_each, loop_scan, normal_each, split_each
 
 xp = np
 no_grad = contextlib.nullcontext
@@ -40,14 +40,7 @@ def take_along_axis(values: np.ndarray, indices: np.ndarray, axis: int) -> np.nd
     return np.take_along_axis(values, indices, axis=axis)
 
 
-def member_generators(backend: Any, seeds: list[int]) -> list[np.random.Generator]:
-    """One sampling generator per pack member, each that of its lone run."""
-    return [backend.generator(seed) for seed in seeds]
-
-
+# Per member: its own generator, as in its lone run.
+member_generators = generators_each
 split_members = split_each
-
-
-def member_normal(backend: Any, rngs: list[np.random.Generator], shape: tuple[int, ...]) -> np.ndarray:
-    """``[M, *shape]`` standard normal samples, member ``m``'s from its own generator."""
-    return np.stack([backend.normal(rng, shape) for rng in rngs])
+member_normal = normal_each

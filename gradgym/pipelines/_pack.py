@@ -3,7 +3,8 @@ and turning a pack of one back into a lone run's result or error."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Optional, Sequence
 
 from gradgym.pipelines._loop import MemberOutcome
 from gradgym.pipelines.base import PipelineResult, Report
@@ -45,6 +46,14 @@ def member_names(name: str, seeds: Sequence[int]) -> list[str]:
     if len(seeds) == 1:
         return [name]
     return [f"{name}, pack member {index} (seed {seed})" for index, seed in enumerate(seeds)]
+
+
+def member_renderers(
+    cfgs: Sequence[Any], render: Callable[[int, Any], list]
+) -> list[Optional[Callable[[Any], list]]]:
+    """Per member, ``params -> frames`` (``render(index, params)``), or ``None`` where the
+    member's config turns rendering off."""
+    return [functools.partial(render, index) if cfg.render else None for index, cfg in enumerate(cfgs)]
 
 
 def lone_outcome(outcomes: list[MemberOutcome]) -> PipelineResult:

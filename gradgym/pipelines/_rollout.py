@@ -70,6 +70,16 @@ def host_uniform(env: Env, rng: np.random.Generator, shape: tuple[int, ...], sca
     return env.backend.asarray(rng.uniform(-scale, scale, size=shape))
 
 
+def generators_each(backend: Any, seeds: list[int]) -> list[Any]:
+    """One sampling generator per pack member, each that of its lone run (numpy, torch)."""
+    return [backend.generator(seed) for seed in seeds]
+
+
+def normal_each(backend: Any, rngs: list[Any], shape: tuple[int, ...]) -> Any:
+    """``[M, *shape]`` standard normal samples, member ``m``'s from its own generator."""
+    return backend.xp.stack([backend.normal(rng, shape) for rng in rngs])
+
+
 def split_each(backend: Any, rngs: list[Any]) -> tuple[list[Any], list[Any]]:
     """``(next generators, keys)``: each member's ``backend.split(rng, 2)``, as a lone run
     splits its generator once per iteration (numpy and torch generators)."""

@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 from gradgym.pipelines._rollout import (
+    generators_each,
     loop_scan,
     member_of,
+    normal_each,
     split_each,
     stack_trees,
     tree_leaves,
@@ -113,7 +115,7 @@ class Trainer:
     def params(self) -> Any:
         """The current parameters with a leading member axis (a detached copy)."""
         with torch.no_grad():
-            return stack_members([member.params for member in self._members])
+            return self._stacked()
 
     def _stacked(self) -> Any:
         """The members' leaves stacked for the forward pass (gradients flow back to them)."""
@@ -202,14 +204,7 @@ def take_along_axis(values: torch.Tensor, indices: torch.Tensor, axis: int) -> t
     return torch.take_along_dim(values, indices, dim=axis)
 
 
-def member_generators(backend: Any, seeds: list[int]) -> list[torch.Generator]:
-    """One sampling generator per pack member, each that of its lone run."""
-    return [backend.generator(seed) for seed in seeds]
-
-
+# Per member: its own generator, as in its lone run.
+member_generators = generators_each
 split_members = split_each
-
-
-def member_normal(backend: Any, rngs: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
-    """``[M, *shape]`` standard normal samples, member ``m``'s from its own generator."""
-    return torch.stack([backend.normal(rng, shape) for rng in rngs])
+member_normal = normal_each

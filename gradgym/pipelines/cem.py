@@ -21,7 +21,7 @@ import numpy as np
 from gradgym.envs.backends import ARRAY_BACKENDS, to_numpy
 from gradgym.envs.core import Env
 from gradgym.pipelines._loop import LoopSpec, MemberOutcome, run_loop
-from gradgym.pipelines._pack import check_pack, lone_outcome, member_names
+from gradgym.pipelines._pack import check_pack, lone_outcome, member_names, member_renderers
 from gradgym.pipelines._rollout import (
     backend_ops,
     fold_members,
@@ -34,7 +34,7 @@ from gradgym.pipelines._rollout import (
     transition,
     tree_map,
 )
-from gradgym.pipelines.base import PipelineResult, Report, no_report
+from gradgym.pipelines.base import PipelineResult, Report
 from gradgym.pipelines.config import CEMConfig
 from gradgym.pipelines.registry import PipelineSpec, register
 
@@ -204,7 +204,7 @@ def optimize(
         NonFiniteReturnError: the return became NaN/inf (everything so far is reported).
     """
     cfg = cfg if cfg is not None else CEMConfig()
-    return lone_outcome(optimize_pack(env, [cfg], [seed], [report or no_report]))
+    return lone_outcome(optimize_pack(env, [cfg], [seed], [report]))
 
 
 def optimize_pack(
@@ -219,12 +219,9 @@ def optimize_pack(
     start = stack_trees(env.xp, starts)
     planner = CrossEntropyPlanner(env, ops, cfgs, seeds, start)
 
-    def renderer(index: int) -> Any:
-        def render(plans: Any) -> list:
-            time_major = ops.xp.moveaxis(plans, 1, 0)
-            return record_frames(ops, env, plan_action, None, starts[index], time_major, cfg.horizon)
-
-        return render if cfgs[index].render else None
+    def render(index: int, plans: Any) -> list:
+        time_major = ops.xp.moveaxis(plans, 1, 0)
+        return record_frames(ops, env, plan_action, None, starts[index], time_major, cfg.horizon)
 
     spec = LoopSpec(
         names=member_names(f"cem on {env.spec.name} ({env.spec.backend})", seeds),
@@ -232,7 +229,7 @@ def optimize_pack(
         steps_per_iter=cfg.batch * (cfg.population + 1) * cfg.horizon,
         step_metrics=CEM_STEP_METRICS,
         next_inputs=lambda iteration: start,
-        render=[renderer(index) for index in range(len(cfgs))],
+        render=member_renderers(cfgs, render),
         grad_hist_every=[0] * len(cfgs),
     )
     return run_loop(planner, spec, reports)

@@ -20,8 +20,8 @@ import numpy as np
 
 from gradgym.envs.backends import AUTODIFF_BACKENDS
 from gradgym.envs.core import Env
-from gradgym.pipelines._loop import GRADIENT_STEP_METRICS, LoopSpec, MemberOutcome, run_loop
-from gradgym.pipelines._pack import check_pack, lone_outcome, member_names
+from gradgym.pipelines._loop import LoopSpec, MemberOutcome, run_loop
+from gradgym.pipelines._pack import check_pack, lone_outcome, member_names, member_renderers
 from gradgym.pipelines._rollout import (
     backend_ops,
     fold_members,
@@ -34,7 +34,7 @@ from gradgym.pipelines._rollout import (
     start_states,
     transition,
 )
-from gradgym.pipelines.base import EVAL_METRIC, PipelineResult, Report, no_report
+from gradgym.pipelines.base import EVAL_METRIC, GRADIENT_STEP_METRICS, PipelineResult, Report
 from gradgym.pipelines.config import PolicyConfig
 from gradgym.pipelines.registry import PipelineSpec, register
 
@@ -117,7 +117,7 @@ def optimize(
         NonFiniteReturnError: the return became NaN/inf (everything so far is reported).
     """
     cfg = cfg if cfg is not None else PolicyConfig()
-    return lone_outcome(optimize_pack(env, [cfg], [seed], [report or no_report]))
+    return lone_outcome(optimize_pack(env, [cfg], [seed], [report]))
 
 
 def optimize_pack(
@@ -146,11 +146,8 @@ def optimize_pack(
     loss = functools.partial(packed_policy_loss, env, ops, step, cfg.horizon, cfg.grad_horizon)
     trainer = ops.Trainer(loss, params, cfgs)
 
-    def renderer(index: int) -> Any:
-        def render(weights: Any) -> list:
-            return record_frames(ops, env, act, weights, eval_starts[index], None, cfg.horizon)
-
-        return render if cfgs[index].render else None
+    def render(index: int, weights: Any) -> list:
+        return record_frames(ops, env, act, weights, eval_starts[index], None, cfg.horizon)
 
     spec = LoopSpec(
         names=member_names(f"policy on {env.spec.name} ({env.spec.backend})", seeds),
@@ -160,7 +157,7 @@ def optimize_pack(
         next_inputs=lambda iteration: member_states(env, train_rngs, cfg.batch),
         eval_inputs=stack_trees(env.xp, eval_starts),
         eval_every=cfg.eval_every,
-        render=[renderer(index) for index in range(len(cfgs))],
+        render=member_renderers(cfgs, render),
         grad_hist_every=[member.grad_hist_every for member in cfgs],
     )
     return run_loop(trainer, spec, reports)

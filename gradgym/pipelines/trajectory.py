@@ -20,8 +20,8 @@ from typing import Any, Optional, Sequence
 
 from gradgym.envs.backends import AUTODIFF_BACKENDS
 from gradgym.envs.core import Env
-from gradgym.pipelines._loop import GRADIENT_STEP_METRICS, LoopSpec, MemberOutcome, run_loop
-from gradgym.pipelines._pack import check_pack, lone_outcome, member_names
+from gradgym.pipelines._loop import LoopSpec, MemberOutcome, run_loop
+from gradgym.pipelines._pack import check_pack, lone_outcome, member_names, member_renderers
 from gradgym.pipelines._rollout import (
     backend_ops,
     fold_members,
@@ -34,7 +34,7 @@ from gradgym.pipelines._rollout import (
     start_states,
     transition,
 )
-from gradgym.pipelines.base import PipelineResult, Report, no_report
+from gradgym.pipelines.base import GRADIENT_STEP_METRICS, PipelineResult, Report
 from gradgym.pipelines.config import TrajectoryConfig
 from gradgym.pipelines.registry import PipelineSpec, register
 
@@ -87,7 +87,7 @@ def optimize(
         NonFiniteReturnError: the return became NaN/inf (everything so far is reported).
     """
     cfg = cfg if cfg is not None else TrajectoryConfig()
-    return lone_outcome(optimize_pack(env, [cfg], [seed], [report or no_report]))
+    return lone_outcome(optimize_pack(env, [cfg], [seed], [report]))
 
 
 def optimize_pack(
@@ -117,12 +117,9 @@ def optimize_pack(
     )
     start = stack_trees(env.xp, starts)
 
-    def renderer(index: int) -> Any:
-        def render(params: Any) -> list:
-            time_major = ops.xp.moveaxis(params, 1, 0)
-            return record_frames(ops, env, act, None, starts[index], time_major, cfg.horizon)
-
-        return render if cfgs[index].render else None
+    def render(index: int, params: Any) -> list:
+        time_major = ops.xp.moveaxis(params, 1, 0)
+        return record_frames(ops, env, act, None, starts[index], time_major, cfg.horizon)
 
     spec = LoopSpec(
         names=member_names(f"trajectory on {env.spec.name} ({env.spec.backend})", seeds),
@@ -130,7 +127,7 @@ def optimize_pack(
         steps_per_iter=cfg.batch * cfg.horizon,
         step_metrics=GRADIENT_STEP_METRICS,
         next_inputs=lambda iteration: start,
-        render=[renderer(index) for index in range(len(cfgs))],
+        render=member_renderers(cfgs, render),
         grad_hist_every=[member.grad_hist_every for member in cfgs],
     )
     return run_loop(trainer, spec, reports)
