@@ -28,9 +28,8 @@ from gradgym.envs.mujoco.base import (
     Camera,
     MujocoState,
     MujocoTask,
-    control_cost,
-    indicator,
     inside,
+    locomotion_terms,
     per_state,
     planar_info,
 )
@@ -100,15 +99,9 @@ class Ant(MujocoTask):
         return xp.logical_and(finite, inside(xp, state.qpos[..., 2], self.healthy_z_range, closed=True))
 
     def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
-        forward = self.forward_reward_weight * state.x_velocity
         forces = self.contact_forces(xp, state)
         contact = self.contact_cost_weight * xp.sum(xp.sum(forces * forces, axis=-1), axis=-1)
-        return {
-            "reward_forward": forward,
-            "reward_survive": self.healthy_reward * indicator(xp, self.healthy(xp, state), forward),
-            "reward_ctrl": -control_cost(xp, state.ctrl, self.ctrl_cost_weight),
-            "reward_contact": -contact,
-        }
+        return {**locomotion_terms(xp, self, state), "reward_contact": -contact}
 
     def info(self, xp: Any, state: MujocoState, previous: MujocoState | None = None) -> dict[str, Any]:
         info = planar_info(xp, state.qpos)

@@ -255,6 +255,27 @@ def sum_terms(terms: dict[str, Any]) -> Any:
     return total
 
 
+def locomotion_terms(xp: Any, task: Any, state: MujocoState) -> dict[str, Any]:
+    """The reward terms the legged tasks share (Hopper, Walker2d, Ant, Humanoid): forward
+    velocity, the survival bonus while ``task.healthy``, the control cost."""
+    forward = task.forward_reward_weight * state.x_velocity
+    return {
+        "reward_forward": forward,
+        "reward_survive": task.healthy_reward * indicator(xp, task.healthy(xp, state), forward),
+        "reward_ctrl": -control_cost(xp, state.ctrl, task.ctrl_cost_weight),
+    }
+
+
+def walker_info(task: Any, state: MujocoState, previous: MujocoState | None) -> dict[str, Any]:
+    """The info of the planar walkers (Hopper, Walker2d): x position, height above the
+    model's start and, after a step, x velocity."""
+    info = {
+        "x_position": state.qpos[..., 0],
+        "z_distance_from_origin": state.qpos[..., 1] - float(task.physics.model.qpos0[1]),
+    }
+    return info if previous is None else {**info, "x_velocity": state.x_velocity}
+
+
 def planar_info(xp: Any, qpos: Any) -> dict[str, Any]:
     """``x_position``, ``y_position`` and ``distance_from_origin`` of a free or planar root
     whose first two coordinates are its x and y."""

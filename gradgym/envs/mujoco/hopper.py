@@ -24,10 +24,10 @@ from gradgym.envs.mujoco.base import (
     Camera,
     MujocoState,
     MujocoTask,
-    control_cost,
-    indicator,
     inside,
+    locomotion_terms,
     per_state,
+    walker_info,
 )
 
 
@@ -67,19 +67,10 @@ class Hopper(MujocoTask):
         )
 
     def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
-        forward = self.forward_reward_weight * state.x_velocity
-        return {
-            "reward_forward": forward,
-            "reward_survive": self.healthy_reward * indicator(xp, self.healthy(xp, state), forward),
-            "reward_ctrl": -control_cost(xp, state.ctrl, self.ctrl_cost_weight),
-        }
+        return locomotion_terms(xp, self, state)
 
     def info(self, xp: Any, state: MujocoState, previous: MujocoState | None = None) -> dict[str, Any]:
-        info = {
-            "x_position": state.qpos[..., 0],
-            "z_distance_from_origin": state.qpos[..., 1] - float(self.physics.model.qpos0[1]),
-        }
-        return info if previous is None else {**info, "x_velocity": state.x_velocity}
+        return walker_info(self, state, previous)
 
     def terminated(self, backend: Backend, state: MujocoState) -> Any:
         xp = backend.xp

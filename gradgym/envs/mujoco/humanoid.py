@@ -29,9 +29,8 @@ from gradgym.envs.mujoco.base import (
     Camera,
     MujocoState,
     MujocoTask,
-    control_cost,
-    indicator,
     inside,
+    locomotion_terms,
     per_state,
     planar_info,
 )
@@ -98,18 +97,12 @@ class Humanoid(MujocoTask):
         return inside(xp, state.qpos[..., 2], self.healthy_z_range)
 
     def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
-        forward = self.forward_reward_weight * state.x_velocity
         forces = self.readout(xp, state.readouts, "cfrc_ext")
         low, high = self.contact_cost_range
         contact = xp.clip(
             self.contact_cost_weight * xp.sum(xp.sum(forces * forces, axis=-1), axis=-1), low, high
         )
-        return {
-            "reward_forward": forward,
-            "reward_survive": self.healthy_reward * indicator(xp, self.healthy(xp, state), forward),
-            "reward_ctrl": -control_cost(xp, state.ctrl, self.ctrl_cost_weight),
-            "reward_contact": -contact,
-        }
+        return {**locomotion_terms(xp, self, state), "reward_contact": -contact}
 
     def info(self, xp: Any, state: MujocoState, previous: MujocoState | None = None) -> dict[str, Any]:
         info = planar_info(xp, state.qpos)
