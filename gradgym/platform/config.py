@@ -453,10 +453,9 @@ def validate_sweep_config(cfg: DictConfig) -> None:
         )
     trials = trial_run_configs(cfg)
     if cfg.scheduler == "asha":
-        # The metric every trial's pipeline reports.
-        names = {trial.pipeline.name for trial in trials}
-        allowed = [m for m in get_pipeline(names.pop()).iteration_metrics
-                   if all(m in get_pipeline(n).iteration_metrics for n in names)]
+        # The metrics every trial's pipeline reports, in the first one's order.
+        reported = [get_pipeline(trial.pipeline.name).iteration_metrics for trial in trials]
+        allowed = [m for m in reported[0] if all(m in metrics for metrics in reported)]
         if cfg.asha.metric not in allowed:
             raise ConfigError(_bad_value("asha.metric", cfg.asha.metric, allowed))
 

@@ -9,7 +9,7 @@ keys, e.g. ``{"seed": 1}``; an empty match is every run) gets the rule's faults:
 - ``iteration_delay_s``: sleep this long after every iteration (stretches a run).
 
 Example: ``GRADGYM_FAULTS='[{"match": {"seed": 1}, "crash_attempts": 5}]'``. A sweep passes
-the variable on to its Ray workers.
+the variable on to its Ray workers (with every other ``GRADGYM_*`` variable).
 """
 
 from __future__ import annotations

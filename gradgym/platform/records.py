@@ -149,9 +149,11 @@ class MetricLog:
         self.path = Path(path)
         self.entries: list[dict[str, Any]] = []
         if self.path.exists():
-            self.entries = read_jsonl(self.path)
-            # Rewrite without a torn last line, so that appends start on a fresh line.
-            _write_jsonl(self.path, self.entries)
+            text = self.path.read_text()
+            self.entries = _parse_jsonl(text)
+            if len(self.entries) != text.count("\n") or not text.endswith("\n") and text:
+                # A torn last line: rewrite without it, so that appends start on a fresh line.
+                _write_jsonl(self.path, self.entries)
         self.steps = {entry["iteration"] for entry in self.entries}
 
     def append(self, step: int, metrics: Mapping[str, float], timestamp_ms: int) -> bool:
@@ -169,8 +171,12 @@ class MetricLog:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The objects of a JSON-lines file, up to a torn last line (if any)."""
+    return _parse_jsonl(Path(path).read_text())
+
+
+def _parse_jsonl(text: str) -> list[dict[str, Any]]:
     entries = []
-    for line in Path(path).read_text().splitlines():
+    for line in text.splitlines():
         try:
             entries.append(json.loads(line))
         except json.JSONDecodeError:

@@ -38,7 +38,6 @@ from gradgym.platform.config import (
     sweep_base_layer,
     trial_layers,
 )
-from gradgym.platform.faults import FAULTS_VARIABLE
 from gradgym.platform.records import RunRecord, read_json, write_json
 from gradgym.platform.runner import settle_run
 from gradgym.platform.tracking import TrackingError
@@ -51,6 +50,8 @@ TRIALS_DIR = "trials"
 _NAMED_FIRST = ("env", "backend", "seed")
 # Local Ray: Tune passes only small results around, a big object store is wasted memory.
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
+# The prefix of the environment variables a sweep passes on to its trials.
+GRADGYM_VARIABLES = "GRADGYM_"
 # Jax (XLA) in a trial: one thread per trial, like torch_threads.
 TRIAL_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
@@ -283,9 +284,10 @@ def _init_ray(cfg: DictConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    env_vars = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", TRIAL_XLA_FLAGS)}
-    if os.environ.get(FAULTS_VARIABLE):  # tests' fault injection reaches every worker
-        env_vars[FAULTS_VARIABLE] = os.environ[FAULTS_VARIABLE]
+    # gradgym's own settings (GRADGYM_*, e.g. GRADGYM_FAULTS) reach every worker, also
+    # workers a cluster starts from another environment.
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith(GRADGYM_VARIABLES)}
+    env_vars["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", TRIAL_XLA_FLAGS)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env_vars})  # that cluster, unchanged
         return True
