@@ -30,6 +30,8 @@ from gradgym.pipelines import get_pipeline, pipelines
 from gradgym.pipelines.config import PipelineConfigError
 from gradgym.pipelines.registry import DEFAULT_PIPELINE
 
+# Where compiled programs are kept between processes (see gradgym.pipelines.compile_cache).
+DEFAULT_COMPILE_CACHE = "~/.cache/gradgym/compile"
 # The repository's configs/ folder (present in a source checkout or an editable install).
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -67,6 +69,9 @@ class RunConfig:
     env_kwargs: dict[str, Any] = field(default_factory=dict)  # task arguments, e.g. num_joints
     run_dir: Optional[str] = None  # None: runs/<pipeline>-<env>-<backend>-s<seed>-<time>
     torch_threads: int = 1  # torch intra-op threads; one trial per CPU wants 1
+    # jax's and torch inductor's persistent compile caches, shared by every run and sweep
+    # trial on this machine (node-local); null: no cache.
+    compile_cache: Optional[str] = DEFAULT_COMPILE_CACHE
     progress: bool = True  # progress bar on the terminal
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 

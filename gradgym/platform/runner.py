@@ -7,16 +7,20 @@ tracked besides (MLflow, or nowhere) is the tracker's (:mod:`gradgym.platform.tr
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from gradgym.pipelines import get_pipeline
+from gradgym.pipelines import MemberOutcome, get_pipeline, pack_key
+from gradgym.pipelines.base import NonFiniteReturnError
+from gradgym.pipelines.compile_cache import enable_compile_cache
 from gradgym.platform.config import flat_params
 from gradgym.platform.faults import faults_for
 from gradgym.platform.records import VIDEO_KEYS, RunRecord
@@ -31,6 +35,8 @@ from gradgym.platform.tracking import (
 )
 
 OnIteration = Callable[[Mapping[str, float], int], None]
+# (member index, metrics, step): a pack's members report through one callback.
+OnMemberIteration = Callable[[int, Mapping[str, float], int], None]
 
 
 class RunDirExistsError(FileExistsError):
@@ -80,39 +86,89 @@ def execute_run(cfg: DictConfig, *, resume: bool = False, parent_run_id: str | N
         Whatever the pipeline raised (``NonFiniteReturnError``...) or ``TrackingError``, after
         the summary and every logged iteration are on disk.
     """
-    record = RunRecord(cfg.run_dir)
-    if not resume and record.holds_run():
-        raise RunDirExistsError(
-            f"run_dir {str(record.folder)!r} already holds a run; choose another run_dir (or leave "
-            "it unset for a new timestamped folder)"
-        )
-    record.create()
-    attempt = record.count_attempt()
-    record.write_config(cfg)
-    _limit_threads(cfg)
+    report = (lambda index, metrics, step: on_iteration(metrics, step)) if on_iteration else None
+    (outcome,) = execute_pack([cfg], resume=resume, parent_run_id=parent_run_id, sweep=sweep,
+                              run_names=[run_name], on_iteration=report)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
-    identity = run_identity(cfg, run_name or record.folder.name, sweep=sweep, parent_run_id=parent_run_id)
-    tracker = open_tracker(record, cfg.tracking, identity).start()
-    tracker.log_artifact(record.config_path)
-    began = time.perf_counter()
-    recorder = _Recorder(cfg, record, tracker, attempt, on_iteration)
+
+def execute_pack(cfgs: Sequence[DictConfig], *, resume: bool = False,
+                 parent_run_id: str | None = None, sweep: str | None = None,
+                 run_names: Sequence[str | None] | None = None,
+                 on_iteration: OnMemberIteration | None = None) -> list[dict[str, Any] | BaseException]:
+    """Run a pack of configs (see :func:`pack_group`) as one computation, each member
+    with its own run record and tracker, exactly as if it ran alone.
+
+    A pack of one is a lone run. Pipelines that do not run packs take packs of one only.
+
+    Args:
+        cfgs: composed run configs with ``run_dir`` set and equal :func:`pack_group`.
+        resume, parent_run_id, sweep: as for :func:`execute_run`, for every member.
+        run_names: one tracker run name per member (``None``: the run folder's name).
+        on_iteration: ``(member index, metrics, step)`` after each member's iteration.
+
+    Returns:
+        One entry per member: its summary, or the error that ended it (a member whose
+        return became non-finite fails alone; the others go on).
+
+    Raises:
+        What ended the whole pack (a crash, ``KeyboardInterrupt``, Tune's ``SystemExit``, a
+        ``TrackingError``), after every member's summary and iterations are on disk.
+    """
+    if not cfgs:
+        raise ValueError("a pack needs at least one config")
+    groups = {pack_group(cfg) for cfg in cfgs}
+    if len(groups) > 1:
+        raise ValueError("the configs of a pack must share pipeline, env, backend, dtype and "
+                         "every field the pipeline cannot vary per member")
+    run_names = list(run_names) if run_names is not None else [None] * len(cfgs)
+    if not resume:
+        for cfg in cfgs:
+            if RunRecord(cfg.run_dir).holds_run():
+                raise RunDirExistsError(
+                    f"run_dir {cfg.run_dir!r} already holds a run; choose another run_dir (or "
+                    "leave it unset for a new timestamped folder)"
+                )
+    members: list[_Member] = []
     try:
-        result = _run_pipeline(cfg, recorder)
+        for index, (cfg, name) in enumerate(zip(cfgs, run_names)):
+            members.append(_Member.start(cfg, index, name, parent_run_id=parent_run_id,
+                                         sweep=sweep, on_iteration=on_iteration))
+    except BaseException:
+        for member in members:
+            member.tracker.close()
+        raise
+    try:
+        outcomes = _run_pipeline(cfgs, members)
     except BaseException as err:
-        status = _ending(err)
-        summary = _summary(cfg, tracker, recorder, began, status=status, error=err)
-        _close_after_error(tracker, record, recorder, summary, status, err)
+        for member in members:
+            member.close_after_error(err)
         raise
     finally:
-        recorder.close()
-    tracker.log_artifact(record.metrics_path)
-    tracker.log_final(recorder.final_metrics, recorder.final_step)
-    tracker.drain()  # every iteration delivered; the tracker's run id is known
-    summary = _summary(cfg, tracker, recorder, began, status="FINISHED", result=result)
-    record.write_summary(summary)  # once: a FINISHED summary is final
-    tracker.log_artifact(record.summary_path)
-    tracker.finish("FINISHED")
-    return summary
+        for member in members:
+            member.recorder.close()
+    return [member.close(outcome) for member, outcome in zip(members, outcomes)]
+
+
+def pack_group(cfg: DictConfig) -> tuple:
+    """A hashable key: run configs may share a pack exactly when their keys are equal.
+
+    Members differ only in their seed, run folder, tracking and the pipeline's packable
+    fields; everything that shapes the shared computation (env, backend, dtype, task
+    arguments, threads, the pipeline's other fields) must be equal.
+    """
+    pipeline = OmegaConf.to_object(cfg.pipeline)
+    env_kwargs = json.dumps(OmegaConf.to_container(cfg.env_kwargs, resolve=True), sort_keys=True)
+    return pack_key(pipeline, env=cfg.env, backend=cfg.backend, dtype=cfg.dtype,
+                    env_kwargs=env_kwargs, torch_threads=cfg.torch_threads,
+                    compile_cache=cfg.compile_cache)
+
+
+def can_run_packs(pipeline: str) -> bool:
+    """Whether configs of ``pipeline`` may run in packs of more than one."""
+    return get_pipeline(pipeline).optimize_pack is not None
 
 
 def settle_run(run_dir: Path, tracking: DictConfig, *, status: str, error: str | None = None,
@@ -128,12 +184,26 @@ def settle_run(run_dir: Path, tracking: DictConfig, *, status: str, error: str |
     return settle(record, tracking, identity, status=status, error=error)
 
 
-def _run_pipeline(cfg: DictConfig, recorder: _Recorder) -> Any:
+def _run_pipeline(cfgs: Sequence[DictConfig], members: list[_Member]) -> list[MemberOutcome]:
     from gradgym.envs import make
 
+    cfg = cfgs[0]  # what the members share
+    _limit_threads(cfg)
+    if cfg.compile_cache:
+        enable_compile_cache(cfg.compile_cache)
     env = make(cfg.env, backend=cfg.backend, dtype=cfg.dtype, **OmegaConf.to_container(cfg.env_kwargs))
-    pipeline_cfg = OmegaConf.to_object(cfg.pipeline)  # the pipeline's own dataclass
-    return get_pipeline(cfg.pipeline.name).optimize(env, pipeline_cfg, seed=cfg.seed, report=recorder)
+    spec = get_pipeline(cfg.pipeline.name)
+    pipeline_cfgs = [OmegaConf.to_object(c.pipeline) for c in cfgs]  # the pipeline's dataclass
+    seeds = [c.seed for c in cfgs]
+    recorders = [member.recorder for member in members]
+    if spec.optimize_pack is not None:
+        return spec.optimize_pack(env, pipeline_cfgs, seeds, recorders)
+    if len(cfgs) > 1:
+        raise ValueError(f"the {spec.name} pipeline does not run packs; run its configs one by one")
+    try:
+        return [spec.optimize(env, pipeline_cfgs[0], seed=seeds[0], report=recorders[0])]
+    except NonFiniteReturnError as err:
+        return [err]
 
 
 def _ending(err: BaseException) -> str:
@@ -145,18 +215,81 @@ def _ending(err: BaseException) -> str:
     return "FAILED"
 
 
-def _close_after_error(tracker: Tracker, record: RunRecord, recorder: _Recorder,
-                       summary: dict[str, Any], status: str, err: BaseException) -> None:
-    record.write_summary(summary)
-    if isinstance(err, TrackingError):
-        tracker.close()  # the store is what failed: do not wait for it again
-        return
-    tracker.log_artifact(record.summary_path)
-    tracker.log_final(recorder.final_metrics, recorder.final_step)
-    try:
-        tracker.finish(status, error=format_error(err))
-    except TrackingError as tracking_err:
-        err.add_note(str(tracking_err))
+class _Member:
+    """One run of a pack: its run record, tracker and recorder, from start to summary."""
+
+    def __init__(self, cfg: DictConfig, record: RunRecord, tracker: Tracker, recorder: _Recorder):
+        self.cfg, self.record, self.tracker, self.recorder = cfg, record, tracker, recorder
+        self.began = time.perf_counter()
+
+    @classmethod
+    def start(cls, cfg: DictConfig, index: int, run_name: str | None, *,
+              parent_run_id: str | None, sweep: str | None,
+              on_iteration: OnMemberIteration | None) -> _Member:
+        """Claim the run folder, record the attempt and config, start the tracker."""
+        record = RunRecord(cfg.run_dir).create()
+        attempt = record.count_attempt()
+        record.write_config(cfg)
+        identity = run_identity(cfg, run_name or record.folder.name, sweep=sweep,
+                                parent_run_id=parent_run_id)
+        tracker = open_tracker(record, cfg.tracking, identity).start()
+        tracker.log_artifact(record.config_path)
+        report = functools.partial(on_iteration, index) if on_iteration else None
+        return cls(cfg, record, tracker, _Recorder(cfg, record, tracker, attempt, report))
+
+    def close(self, outcome: MemberOutcome) -> dict[str, Any] | BaseException:
+        """Deliver and write the summary of a member the pipeline finished (or failed alone)."""
+        if isinstance(outcome, BaseException):
+            try:
+                self.close_after_error(outcome)
+            except BaseException as err:  # noqa: BLE001 - returned like the member's own error
+                return err
+            return outcome
+        self.tracker.log_artifact(self.record.metrics_path)
+        self.tracker.log_final(self.recorder.final_metrics, self.recorder.final_step)
+        self.tracker.drain()  # every iteration delivered; the tracker's run id is known
+        summary = self._summary("FINISHED", result=outcome)
+        self.record.write_summary(summary)  # once: a FINISHED summary is final
+        self.tracker.log_artifact(self.record.summary_path)
+        self.tracker.finish("FINISHED")
+        return summary
+
+    def close_after_error(self, err: BaseException) -> None:
+        """Write the summary of a member that ``err`` ended and end its tracker's run."""
+        status = _ending(err)
+        self.record.write_summary(self._summary(status, error=err))
+        if isinstance(err, TrackingError):
+            self.tracker.close()  # the store is what failed: do not wait for it again
+            return
+        self.tracker.log_artifact(self.record.summary_path)
+        self.tracker.log_final(self.recorder.final_metrics, self.recorder.final_step)
+        try:
+            self.tracker.finish(status, error=format_error(err))
+        except TrackingError as tracking_err:
+            err.add_note(str(tracking_err))
+
+    def _summary(self, status: str, result: Any = None, error: BaseException | None = None) -> dict[str, Any]:
+        cfg, recorder = self.cfg, self.recorder
+        times = [t for t in recorder.iter_times if math.isfinite(t)]
+        final = recorder.final_metrics
+        summary: dict[str, Any] = {
+            "status": status,
+            "env": cfg.env,
+            "backend": cfg.backend,
+            "pipeline": cfg.pipeline.name,
+            "seed": cfg.seed,
+            "iterations": result.iterations if result is not None else len(recorder.returns),
+            "final_return": result.final_return if result is not None else final.get("final_return"),
+            "best_return": result.best_return if result is not None else final.get("best_return"),
+            "compile_time_s": result.compile_time_s if result is not None else final.get("compile_time_s"),
+            "wall_time_s": time.perf_counter() - self.began,
+            "mean_iter_time_s": sum(times) / len(times) if times else None,
+            "run_dir": str(cfg.run_dir),
+            "mlflow_run_id": self.tracker.run_id,
+        }
+        if error is not None:
+            summary["error"] = f"{type(error).__name__}: {error}"
+        return summary
 
 
 class _Recorder:
@@ -223,29 +356,6 @@ def _progress_bar(cfg: DictConfig) -> Any:
 
     return tqdm(total=cfg.pipeline.iters, desc=f"{cfg.pipeline.name} {cfg.env} ({cfg.backend})",
                 unit="it", dynamic_ncols=True)
-
-
-def _summary(cfg: DictConfig, tracker: Tracker, recorder: _Recorder, began: float,
-             status: str, result: Any = None, error: BaseException | None = None) -> dict[str, Any]:
-    times = [t for t in recorder.iter_times if math.isfinite(t)]
-    summary: dict[str, Any] = {
-        "status": status,
-        "env": cfg.env,
-        "backend": cfg.backend,
-        "pipeline": cfg.pipeline.name,
-        "seed": cfg.seed,
-        "iterations": result.iterations if result is not None else len(recorder.returns),
-        "final_return": result.final_return if result is not None else recorder.final_metrics.get("final_return"),
-        "best_return": result.best_return if result is not None else recorder.final_metrics.get("best_return"),
-        "compile_time_s": result.compile_time_s if result is not None else recorder.final_metrics.get("compile_time_s"),
-        "wall_time_s": time.perf_counter() - began,
-        "mean_iter_time_s": sum(times) / len(times) if times else None,
-        "run_dir": str(cfg.run_dir),
-        "mlflow_run_id": tracker.run_id,
-    }
-    if error is not None:
-        summary["error"] = f"{type(error).__name__}: {error}"
-    return summary
 
 
 def _limit_threads(cfg: DictConfig) -> None:
