@@ -16,12 +16,15 @@ pipeline, a task argument the env does not take, a gradient pipeline on numpy â€
 from __future__ import annotations
 
 import difflib
+import functools
 import itertools
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -49,7 +52,7 @@ class TrackingConfig:
     enabled: bool = True
     # None: $MLFLOW_TRACKING_URI if set, else the embedded store sqlite:///mlflow.db in the
     # working directory.
-    uri: Optional[str] = None
+    uri: str | None = None
     experiment: str = "gradgym"
     flush_every_s: float = 1.0  # buffered metrics go out in one log_batch this often
     outage_limit_s: float = 300.0  # how long the tracking server may stay unreachable
@@ -67,11 +70,11 @@ class RunConfig:
     # The selected pipeline's config dataclass (the registry's ``PipelineSpec.config``).
     pipeline: Any = None
     env_kwargs: dict[str, Any] = field(default_factory=dict)  # task arguments, e.g. num_joints
-    run_dir: Optional[str] = None  # None: runs/<pipeline>-<env>-<backend>-s<seed>-<time>
+    run_dir: str | None = None  # None: runs/<pipeline>-<env>-<backend>-s<seed>-<time>
     torch_threads: int = 1  # torch intra-op threads; one trial per CPU wants 1
     # jax's and torch inductor's persistent compile caches, shared by every run and sweep
     # trial on this machine (node-local); null: no cache.
-    compile_cache: Optional[str] = DEFAULT_COMPILE_CACHE
+    compile_cache: str | None = DEFAULT_COMPILE_CACHE
     progress: bool = True  # progress bar on the terminal
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -103,13 +106,19 @@ class SweepConfig:
     max_concurrent: int = 0  # 0: as many as the CPUs allow
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
-    num_cpus: Optional[int] = None  # CPUs of a local Ray (None: all); ignored with RAY_ADDRESS
+    num_cpus: int | None = None  # CPUs of a local Ray (None: all); ignored with RAY_ADDRESS
     storage: str = "sweeps"  # folder of the sweeps' state and trial folders
-    experiment: Optional[str] = None  # MLflow experiment; None: the sweep's name
+    experiment: str | None = None  # MLflow experiment; None: the sweep's name
     tune_report_every_s: float = 1.0  # how often a trial reports its progress to Tune
+    # Configs per Tune trial: configs that differ only in seed and per-member hyperparameters
+    # run together as one vectorized computation (a pack) of at most this many. 1: no packing.
+    # null: PACK_DEFAULT, or 1 with scheduler=asha (ASHA stops configs one by one).
+    pack: int | None = None
+    search_seed: int = 0  # seeds the draws of the search space (the same draws on --resume)
 
 
 SCHEDULERS = ("fifo", "asha")
+PACK_DEFAULT = 64
 SEARCH_DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 MODES = ("max", "min")
 
@@ -203,14 +212,19 @@ def compose_run_config(*layers: Layer) -> DictConfig:
         ConfigError: an unknown key, a wrong type or an invalid value (see the module doc).
     """
     flat_layers = [_as_flat(layer) for layer in layers]
-    name = _selected_pipeline(flat_layers)
-    cfg = OmegaConf.structured(RunConfig(pipeline=get_pipeline(name).config()))
-    for flat in flat_layers:
+    cfg = _run_schema(_selected_pipeline(flat_layers))
+    for flat in flat_layers:  # merge returns a new config: the cached schema stays as it is
         flat = {("pipeline.name" if k == "pipeline" else k): v for k, v in flat.items()}
         cfg = _merge(cfg, _nest(flat))
     validate_run_config(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+@functools.cache
+def _run_schema(pipeline: str) -> DictConfig:
+    """The run-config schema with ``pipeline``'s config node (built once: it costs ms)."""
+    return OmegaConf.structured(RunConfig(pipeline=get_pipeline(pipeline).config()))
 
 
 def _selected_pipeline(flat_layers: list[dict[str, Any]]) -> str:
@@ -456,6 +470,14 @@ def validate_sweep_config(cfg: DictConfig) -> None:
             f"invalid resources cpus_per_trial={cfg.cpus_per_trial}, gpus_per_trial={cfg.gpus_per_trial}; "
             "allowed: cpus_per_trial > 0, gpus_per_trial >= 0"
         )
+    if cfg.pack is not None and cfg.pack < 1:
+        raise ConfigError(f"invalid value {cfg.pack!r} for 'pack'; allowed: an int >= 1 (1: no "
+                          "packing), or null for the default")
+    if cfg.scheduler == "asha" and (cfg.pack or 1) > 1:
+        raise ConfigError(
+            f"invalid value {cfg.pack!r} for 'pack' with scheduler=asha: ASHA stops configs one by "
+            "one, so each runs in its own trial; allowed: pack=1 or null"
+        )
     trials = trial_run_configs(cfg)
     if cfg.scheduler == "asha":
         # The metrics every trial's pipeline reports, in the first one's order.
@@ -481,6 +503,39 @@ def trial_run_configs(cfg: DictConfig) -> list[DictConfig]:
             where = ", ".join(f"{k}={v}" for k, v in layer.items()) or "every trial"
             raise ConfigError(f"sweep {cfg.name!r}, trial {where}: {err}") from None
     return composed
+
+
+def pack_limit(cfg: DictConfig) -> int:
+    """The most configs one trial of the sweep runs (the ``pack`` key, or its default)."""
+    if cfg.pack is not None:
+        return int(cfg.pack)
+    return 1 if cfg.scheduler == "asha" else PACK_DEFAULT
+
+
+def sweep_points(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Every config of the sweep as a layer of run-config keys: each grid point (in
+    :func:`trial_layers` order) with ``num_samples`` draws of the search space.
+
+    The draws come from ``search_seed``, so the same sweep file gives the same configs.
+    ``randint`` draws from [low, high), like Ray Tune's.
+    """
+    space = search_space(cfg)
+    rng = np.random.default_rng(cfg.search_seed)
+    points = []
+    for layer in trial_layers(cfg):
+        for _ in range(cfg.num_samples if space else 1):
+            points.append({**layer, **{key: _draw(rng, kind, args) for key, (kind, args) in space.items()}})
+    return points
+
+
+def _draw(rng: np.random.Generator, kind: str, args: list[Any]) -> Any:
+    if kind == "choice":
+        return args[int(rng.integers(len(args)))]
+    if kind == "randint":
+        return int(rng.integers(args[0], args[1]))
+    if kind == "loguniform":
+        return float(math.exp(rng.uniform(math.log(args[0]), math.log(args[1]))))
+    return float(rng.uniform(args[0], args[1]))
 
 
 def sweep_base_layer(cfg: DictConfig) -> dict[str, Any]:

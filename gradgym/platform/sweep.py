@@ -5,18 +5,28 @@ A sweep lives in ``<storage>/<name>/``::
     sweep.yaml       the resolved sweep config (what --resume runs again)
     parent.json      the MLflow parent run of the sweep
     tune/            Ray Tune's experiment state (Tuner.restore resumes from it)
-    trials/<id>/     one run folder per trial (see gradgym.platform.records)
-    summary.csv      one row per trial
+    trials/<id>/     one run folder per config (see gradgym.platform.records)
+    summary.csv      one row per config
     comparison.png   backends compared: return vs iteration, time per iteration
 
+Packs: configs that differ only in seed and in per-member hyperparameters (the pipeline's
+packable fields) share one Tune trial and run as one vectorized computation
+(:func:`gradgym.platform.runner.execute_pack`); each keeps its own run folder, MLflow run and
+summary row, and computes what it would alone. The sweep file's ``pack`` caps the configs
+per trial (1: no packing); packs are split further when there are fewer of them than trial
+slots, so that no CPU idles.
+
 Ray: with ``RAY_ADDRESS`` set the sweep runs on that cluster unchanged; otherwise on a local
-Ray bound to 127.0.0.1. Trials are idempotent: a trial whose folder already holds a
-finished run reports that run instead of running again, and a retried or resumed trial
-continues its MLflow run without logging any iteration twice.
+Ray bound to 127.0.0.1. Trials are idempotent: a config whose folder already holds a
+finished run is not run again, and a retried or resumed trial continues its configs' MLflow
+runs without logging any iteration twice. A trial that crashes is retried as a whole (its
+unfinished configs), up to ``max_failures`` times.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -26,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from ray.tune import Callback
 
 from gradgym.platform import mlflow_tracking
 from gradgym.platform.config import (
@@ -34,12 +45,13 @@ from gradgym.platform.config import (
     flatten,
     grid_axes,
     load_sweep_config,
+    pack_limit,
     search_space,
     sweep_base_layer,
-    trial_layers,
+    sweep_points,
 )
 from gradgym.platform.records import RunRecord, read_json, write_json
-from gradgym.platform.runner import settle_run
+from gradgym.platform.runner import can_run_packs, pack_group, settle_run
 from gradgym.platform.tracking import TrackingError
 
 SWEEP_FILE = "sweep.yaml"
@@ -66,7 +78,7 @@ class SweepOutcome:
 
     name: str
     sweep_dir: Path
-    rows: list[dict[str, Any]] = field(default_factory=list)  # one per trial
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per config
     parent_run_id: str | None = None
     tracking_uri: str | None = None
     fit_wall_s: float = 0.0  # wall time of Ray Tune's fit (all trials, without Ray's start)
@@ -87,7 +99,7 @@ class SweepOutcome:
         for row in self.rows:
             counts[row["status"]] = counts.get(row["status"], 0) + 1
         lines = [
-            f"sweep {self.name!r}: {len(self.rows)} trials ("
+            f"sweep {self.name!r}: {len(self.rows)} configs ("
             + ", ".join(f"{n} {status.lower()}" for status, n in sorted(counts.items())) + ")",
             f"  folder:     {self.sweep_dir}",
             f"  summary:    {self.sweep_dir / 'summary.csv'}",
@@ -98,9 +110,9 @@ class SweepOutcome:
                          "open it with `gradgym ui`")
         for row in self.rows:
             if row["status"] == "FAILED":
-                lines.append(f"  trial {row['trial']} FAILED: {row.get('error', '')[:200]}")
+                lines.append(f"  config {row['trial']} FAILED: {row.get('error', '')[:200]}")
         if self.interrupted:
-            lines.append(f"  unfinished trials: finish them with `gradgym sweep --resume {self.name}`")
+            lines.append(f"  unfinished configs: finish them with `gradgym sweep --resume {self.name}`")
         return "\n".join(lines)
 
 
@@ -192,10 +204,11 @@ def _create_parent_run(cfg: DictConfig, sweep_dir: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------- Ray Tune
 
 def _run(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any] | Future, restore: bool) -> SweepOutcome:
-    """Run the sweep's trials on Ray Tune; ``parent`` is the MLflow parent run, or the
+    """Run the sweep's packs on Ray Tune; ``parent`` is the MLflow parent run, or the
     future of its creation (which fails the sweep, before any trial, if the store is away)."""
     from ray import tune
 
+    _quiet_tune()
     started_ray = _init_ray(cfg)
     try:
         if isinstance(parent, Future):
@@ -219,11 +232,11 @@ def _run(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any] | Future, r
                                        resume_unfinished=True, resume_errored=False,
                                        restart_errored=False)
         else:
+            packs = make_packs(cfg, _trial_slots(cfg))
             tuner = tune.Tuner(
                 trainable,
-                param_space=_param_space(cfg),
+                param_space={PACK_PARAM: tune.grid_search(packs)},
                 tune_config=tune.TuneConfig(
-                    num_samples=cfg.num_samples,
                     scheduler=_scheduler(cfg),
                     max_concurrent_trials=cfg.max_concurrent or None,
                     reuse_actors=True,
@@ -234,6 +247,8 @@ def _run(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any] | Future, r
                     name=TUNE_DIR,
                     storage_path=str(sweep_dir),
                     failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                    verbose=0,  # the progress bar below replaces Tune's tables
+                    callbacks=[SweepProgress(cfg.name, packs, sweep_dir)],
                 ),
             )
         began = time.perf_counter()
@@ -249,15 +264,25 @@ def _run(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any] | Future, r
             ray.shutdown()
 
 
+def _quiet_tune() -> None:
+    """Leave the terminal to the sweep's progress bar: no Tune tables or INFO lines."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the old engine prints nothing at verbose=0
+    for name in ("ray", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _trial_dirname(trial: Any) -> str:
     return trial.trial_id
 
 
 def _trial_name(trial: Any) -> str:
-    """The progress table's name of a trial: its grid values and number, e.g. ``Pendulum-jax-0_00003``."""
-    values = "-".join(str(v) for v in trial.config.get(GRID_PARAM, {}).values())
+    """The name of a pack's trial: what its configs share and how many, e.g.
+    ``Pendulum-jax-x16_00003``."""
+    members = trial.config.get(PACK_PARAM, [])
+    values = members[0]["values"] if members else {}
+    shared = "-".join(str(values[k]) for k in ("env", "backend") if k in values)
     number = trial.trial_id.rsplit("_", 1)[-1]
-    return f"{values}_{number}" if values else trial.trial_id
+    return f"{shared}-x{len(members)}_{number}" if shared else f"x{len(members)}_{number}"
 
 
 def _swept_keys(cfg: DictConfig) -> list[str]:
@@ -293,8 +318,11 @@ def _init_ray(cfg: DictConfig) -> bool:
         return True
     _local_only_ray()
     # address="local": a new instance, even if `ray start` left a cluster on this machine.
+    # Trials' own output stays in Ray's logs (log_to_driver=False): the terminal shows the
+    # sweep's progress bar; a failed config's error is in its summary and the final report.
     ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
-             object_store_memory=LOCAL_OBJECT_STORE_BYTES, runtime_env={"env_vars": env_vars})
+             object_store_memory=LOCAL_OBJECT_STORE_BYTES, runtime_env={"env_vars": env_vars},
+             logging_level=logging.WARNING, log_to_driver=False)
     return True
 
 
@@ -310,22 +338,47 @@ def _local_only_ray() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-GRID_PARAM = "grid"  # the Tune parameter that holds a trial's grid values
+PACK_PARAM = "pack"  # the Tune parameter that holds a trial's configs: [{id, values}, ...]
 
 
-def _param_space(cfg: DictConfig) -> dict[str, Any]:
-    """Tune's search space: the grid as one axis of its points, in the sweep file's order
-    (nested loops: the last key varies fastest; Tune would sort separate axes by name), and
-    the random-search distributions."""
-    from ray import tune
+def make_packs(cfg: DictConfig, slots: int = 1) -> list[list[dict[str, Any]]]:
+    """The sweep's configs grouped into packs, one Tune trial each.
 
-    space: dict[str, Any] = {}
-    if cfg.grid:
-        space[GRID_PARAM] = tune.grid_search(trial_layers(cfg))
-    draw = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}
-    for key, (kind, args) in search_space(cfg).items():
-        space[key] = tune.choice(args) if kind == "choice" else draw[kind](*args)
-    return space
+    Every config (:func:`~gradgym.platform.config.sweep_points`) gets a stable id, its index,
+    which names its run folder. Configs that may share a pack (equal
+    :func:`~gradgym.platform.runner.pack_group`) are split into packs of at most
+    ``pack_limit(cfg)``, evenly, and into more packs while there are fewer than ``slots``
+    (the trials that can run at once), so that packing never leaves a CPU idle.
+    """
+    base, limit = sweep_base_layer(cfg), pack_limit(cfg)
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for index, point in enumerate(sweep_points(cfg)):
+        run_cfg = compose_run_config(base, point)
+        packable = limit > 1 and can_run_packs(run_cfg.pipeline.name)
+        key = pack_group(run_cfg) if packable else ("alone", index)
+        iters = getattr(run_cfg.pipeline, "iters", 1)  # for the progress bar
+        groups.setdefault(key, []).append({"id": f"{index:05d}", "values": point, "iters": iters})
+    total = sum(len(members) for members in groups.values())
+    packs = []
+    for members in groups.values():
+        count = max(math.ceil(len(members) / limit), math.ceil(len(members) * slots / total))
+        packs.extend(_split_evenly(members, min(count, len(members))))
+    return packs
+
+
+def _split_evenly(items: list[Any], parts: int) -> list[list[Any]]:
+    """``items`` in ``parts`` consecutive runs whose lengths differ by at most one."""
+    size, extra = divmod(len(items), parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
+
+
+def _trial_slots(cfg: DictConfig) -> int:
+    """How many trials of the sweep can run at once on the Ray cluster."""
+    import ray
+
+    slots = int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_trial) or 1
+    return min(slots, cfg.max_concurrent) if cfg.max_concurrent else slots
 
 
 def _scheduler(cfg: DictConfig) -> Any:
@@ -359,53 +412,155 @@ class SweepContext:
 
 
 def run_trial(config: dict[str, Any], sweep: SweepContext) -> None:
-    """The Tune trainable: compose the trial's run config and execute it.
+    """The Tune trainable: run one pack of configs (``config["pack"]``).
 
-    ``config`` holds this trial's grid/search values (run-config keys). A trial folder that
-    already holds a finished run (the driver died after the trial finished, before Tune
-    recorded it) is reported, not run again.
+    A config whose folder already holds a finished run (finished in an earlier attempt, or
+    before the driver died) is not run again. Configs that end in an error fail the trial
+    after the others have finished, so that Tune retries them (only them).
     """
-    from ray import tune
 
-    from gradgym.platform.runner import execute_run
+    from gradgym.platform.runner import execute_pack
 
-    trial_id = tune.get_context().get_trial_id()
-    record = RunRecord(Path(sweep.sweep_dir) / TRIALS_DIR / trial_id)
-    placement: dict[str, Any] = {"run_dir": str(record.folder), "progress": False}
+    members = config[PACK_PARAM]
+    trials = Path(sweep.sweep_dir) / TRIALS_DIR
+    placement: dict[str, Any] = {"progress": False}
     if sweep.tracking_uri:
         placement.update({"tracking.uri": sweep.tracking_uri, "tracking.experiment": sweep.experiment})
-    drawn = {key: value for key, value in config.items() if key != GRID_PARAM}
-    cfg = compose_run_config(sweep.base, config.get(GRID_PARAM, {}), drawn, placement)
+    cfgs = [compose_run_config(sweep.base, member["values"],
+                               dict(placement, run_dir=str(trials / member["id"])))
+            for member in members if RunRecord(trials / member["id"]).finished_summary() is None]
+    reporter = _TuneReporter(sweep.report_every_s, configs=len(members),
+                             done=len(members) - len(cfgs))
+    outcomes = execute_pack(cfgs, resume=True, parent_run_id=sweep.parent_run_id, sweep=sweep.name,
+                            run_names=[trial_run_name(cfg, sweep.named_keys) for cfg in cfgs],
+                            on_iteration=reporter.iteration) if cfgs else []
+    errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    reporter.finished(len(outcomes) - len(errors), len(errors))
+    if len(members) == 1:
+        reporter.last_result(RunRecord(trials / members[0]["id"]))
+    else:
+        reporter.report()
+    if errors:
+        if len(errors) == 1:
+            raise errors[0]
+        raise PackFailed(f"{len(errors)} of the pack's {len(members)} configs failed: "
+                         + "; ".join(f"{type(e).__name__}: {e}"[:300] for e in errors))
 
-    summary = record.finished_summary()
-    if summary is None:
-        reporter = _TuneReporter(sweep.report_every_s)
-        summary = execute_run(cfg, resume=True, parent_run_id=sweep.parent_run_id, sweep=sweep.name,
-                              run_name=trial_run_name(cfg, sweep.named_keys), on_iteration=reporter)
-    # The last value of every metric (schedulers expect theirs in every result) and the summary.
-    last: dict[str, Any] = {}
-    for entry in record.read_metrics():
-        last.update(entry)
-    last.pop("timestamp_ms", None)
-    final = {k: v for k, v in {**last, **summary}.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    tune.report({**final, "iteration": summary["iterations"], "finished": 1})
+
+class PackFailed(RuntimeError):
+    """Some configs of a pack ended in an error (each one's is in its summary)."""
 
 
 class _TuneReporter:
-    """Reports iterations to Tune at most every ``every_s`` (a report costs milliseconds)."""
+    """Reports a pack's progress to Tune, at most every ``every_s`` (a report costs ms).
 
-    def __init__(self, every_s: float):
+    Every result carries ``iteration`` (the most iterations any config has done), the pack's
+    counts (``configs``, ``configs_done``, ``configs_failed``, ``member_iterations``) and
+    ``best_return``; a pack of one also carries its config's metrics, which schedulers read.
+    """
+
+    def __init__(self, every_s: float, configs: int, done: int):
         self.every_s = every_s
-        self._last = -float("inf")
+        self.counts = {"configs": configs, "configs_done": done, "configs_failed": 0}
+        self.steps: dict[int, int] = {}  # member -> iterations done
+        self.best = -math.inf
+        self._last = -math.inf
 
-    def __call__(self, metrics: Mapping[str, float], step: int) -> None:
-        from ray import tune
-
+    def iteration(self, index: int, metrics: Mapping[str, float], step: int) -> None:
+        self.steps[index] = step + 1
+        value = metrics.get("return_mean", -math.inf)
+        if math.isfinite(value) and value > self.best:
+            self.best = value
         now = time.monotonic()
         if now - self._last >= self.every_s:
             self._last = now
-            tune.report({**metrics, "iteration": step + 1})
+            self.report(dict(metrics) if self.counts["configs"] == 1 else {})
+
+    def finished(self, done: int, failed: int) -> None:
+        """The pack's configs have ended: ``done`` finished, ``failed`` failed."""
+        self.counts["configs_done"] += done
+        self.counts["configs_failed"] += failed
+
+    def last_result(self, record: RunRecord) -> None:
+        """A pack of one: its config's last metrics and summary numbers, as the trial's result."""
+        last: dict[str, Any] = {}
+        for entry in record.read_metrics():
+            last.update(entry)
+        summary = record.read_summary()
+        numbers = {k: v for k, v in {**last, **summary}.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "timestamp_ms"}
+        self.report({**numbers, "iteration": summary.get("iterations", 0), "finished": 1})
+
+    def report(self, extra: Mapping[str, Any] | None = None) -> None:
+        """Send the pack's progress now (with ``extra`` values)."""
+        from ray import tune
+
+        result = {"iteration": max(self.steps.values(), default=0),
+                  "member_iterations": sum(self.steps.values()), **self.counts}
+        if math.isfinite(self.best):
+            result["best_return"] = self.best
+        tune.report({**result, **(extra or {})})
+
+
+class SweepProgress(Callback):
+    """The sweep's one live line on the terminal: configs done/total, running, failed,
+    best return so far and the ETA, from the trials' reports (Tune's tables are off)."""
+
+    def __init__(self, name: str, packs: list[list[dict[str, Any]]], sweep_dir: Path):
+        self.name = name
+        self.sweep_dir = str(sweep_dir)
+        self.configs = {pack[0]["id"]: len(pack) for pack in packs}  # pack -> its size
+        self.iterations = sum(_iterations(m) for pack in packs for m in pack) or 1
+        self.results: dict[str, dict[str, Any]] = {}  # trial id -> its latest report
+        self.ended: dict[str, str] = {}  # trial id -> "done" | "error"
+        self._bar: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_bar": None}  # Tune pickles its callbacks with the sweep
+
+    def setup(self, **info: Any) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=self.iterations, desc=f"sweep {self.name}", unit="it",
+                         dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| "
+                         "{postfix} [{elapsed}<{remaining}]")
+        self._draw()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.results[trial.trial_id] = result
+        self._draw()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.ended[trial.trial_id] = "done"
+        self._draw(trials)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.ended[trial.trial_id] = "error"
+        self._draw(trials)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._draw(trials)
+        if self._bar is not None:
+            self._bar.close()
+
+    def _draw(self, trials: list | None = None) -> None:
+        if self._bar is None:
+            return
+        done = sum(r.get("configs_done", 0) for r in self.results.values())
+        failed = sum(r.get("configs_failed", 0) for r in self.results.values())
+        running = sum(r.get("configs", 0) - r.get("configs_done", 0) - r.get("configs_failed", 0)
+                      for t, r in self.results.items() if t not in self.ended)
+        best = max((r["best_return"] for r in self.results.values() if "best_return" in r), default=None)
+        total = sum(self.configs.values())
+        self._bar.n = min(self.iterations, sum(r.get("member_iterations", 0) for r in self.results.values()))
+        text = f"configs {done}/{total} done, {running} running, {failed} failed"
+        self._bar.set_postfix_str(text + (f", best return {best:.4g}" if best is not None else ""),
+                                  refresh=False)
+        self._bar.refresh()
+
+
+def _iterations(member: Mapping[str, Any]) -> int:
+    return int(member.get("iters", 1))
 
 
 # ---------------------------------------------------------------------- the end
@@ -436,29 +591,32 @@ def _finish(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any], results
 
 
 def _collect(cfg: DictConfig, sweep_dir: Path, results: Any) -> tuple[list[dict], list[dict]]:
-    """One summary row per trial and the iteration histories of the finished ones."""
+    """One summary row per config and the iteration histories of the finished ones."""
     swept = [k for k in _swept_keys(cfg) if k not in _NAMED_FIRST]
     rows, curves = [], []
     for result in results:
-        trial = Path(result.path).name
-        record = RunRecord(sweep_dir / TRIALS_DIR / trial)
-        summary = record.read_summary()
-        tracking_state = record.read_tracking_state()
-        trial_values = {**result.config.get(GRID_PARAM, {}), **result.config}
-        values = {key: trial_values.get(key) for key in swept}
-        status = summary.get("status", "UNFINISHED")  # never ran, or interrupted
-        if result.error is not None:
-            status = "FAILED"
-        row = {"trial": trial, **summary, "status": status, **values,
-               "mlflow_run_id": tracking_state.get("run_id", summary.get("mlflow_run_id", "")),
-               "trial_time_s": result.metrics.get("time_total_s")}  # all of it, per Tune
-        if result.error is not None:
-            row["error"] = f"{type(result.error).__name__}: {result.error}"[:2000]
-        rows.append(row)
-        history = record.read_metrics()
-        if status in ("FINISHED", "STOPPED") and history and "env" in summary:
-            label = " ".join([summary["backend"]] + [f"{k}={v}" for k, v in values.items()])
-            curves.append({"env": summary["env"], "backend": summary["backend"], "label": label,
-                           "history": history})
+        for member in result.config[PACK_PARAM]:
+            row, history = _member_row(sweep_dir, member, result, swept)
+            rows.append(row)
+            if row["status"] in ("FINISHED", "STOPPED") and history and "env" in row:
+                label = " ".join([row["backend"]] + [f"{k}={row[k]}" for k in swept])
+                curves.append({"env": row["env"], "backend": row["backend"], "label": label,
+                               "history": history})
     rows.sort(key=lambda row: row["trial"])
     return rows, curves
+
+
+def _member_row(sweep_dir: Path, member: Mapping[str, Any], result: Any,
+                swept: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The summary row of one config of a pack's trial, and its iterations."""
+    record = RunRecord(sweep_dir / TRIALS_DIR / member["id"])
+    summary = record.read_summary()
+    status = summary.get("status", "UNFINISHED")  # never ran, or interrupted
+    failed = result.error is not None and status != "FINISHED"
+    row = {"trial": member["id"], **summary, "status": "FAILED" if failed else status,
+           **{key: member["values"].get(key) for key in swept},
+           "mlflow_run_id": record.read_tracking_state().get("run_id", summary.get("mlflow_run_id", "")),
+           "pack": Path(result.path).name}
+    if failed:
+        row["error"] = summary.get("error") or f"{type(result.error).__name__}: {result.error}"[:2000]
+    return row, record.read_metrics()
