@@ -105,6 +105,7 @@ def _check_sweep(client: MlflowClient, name: str, sweep_dir: Path, tmp_path: Pat
     with open(download / "summary.csv") as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 8 and {row["status"] for row in rows} == {"FINISHED"}
+    assert len({row["pack"] for row in rows}) == 4, "the seeds of each env and backend share a pack"
     assert {row["mlflow_run_id"] for row in rows} == {c.info.run_id for c in children}
     for row in rows:  # the local trial folders hold the same runs
         trial = sweep_dir / "trials" / row["trial"]
@@ -178,7 +179,8 @@ def test_unreachable_store_at_the_start_fails_the_sweep_before_any_trial(tmp_pat
 @pytest.mark.slow
 def test_crashed_trial_is_retried_and_a_failing_trial_is_marked_failed(tmp_path):
     grid = {"env": ["Pendulum"], "seed": [1, 5]}
-    path = _sweep_file(tmp_path, "t-faults", grid, base=TINY_CEM, max_failures=1)
+    # pack=1: each config its own trial, so the one that always crashes fails alone.
+    path = _sweep_file(tmp_path, "t-faults", grid, base=TINY_CEM, max_failures=1, pack=1)
     # Seed 1 crashes on its first attempt only, seed 5 on all five it could have.
     faults = [{"match": {"seed": seed}, "crash_attempts": seed} for seed in (1, 5)]
     result = run_gradgym(["sweep", str(path)], cwd=tmp_path, timeout=600,
@@ -295,30 +297,25 @@ def test_multi_node_sweep_survives_a_killed_worker_node(tmp_path, monkeypatch):
     assert max(attempts) >= 2, "the killed node's trial must have been retried elsewhere"
 
 
-def test_sweep_file_becomes_tune_search_space_and_scheduler(tmp_path):
-    from ray import tune
+def test_sweep_file_becomes_packs_and_scheduler(tmp_path):
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.sample import Categorical, Float, Integer
 
     from gradgym.platform.config import load_sweep_config
-    from gradgym.platform.sweep import _param_space, _scheduler
+    from gradgym.platform.sweep import _scheduler, make_packs
 
     path = _sweep_file(tmp_path, "t-space", {"env": ["Pendulum", "CartPole"], "seed": [0, 1]},
                        scheduler="asha", num_samples=3, asha={"grace_period": 2})
     cfg = load_sweep_config(path, ["search.pipeline.lr.loguniform=[0.001,0.3]",
                                    "search.pipeline.batch.randint=[2,8]",
                                    "search.pipeline.optimizer.choice=[adam,sgd]"])
-    space = _param_space(cfg)
-    # The grid is one axis of its points, in the file's order: the last key varies fastest.
-    assert space["grid"] == tune.grid_search([
-        {"env": "Pendulum", "seed": 0}, {"env": "Pendulum", "seed": 1},
-        {"env": "CartPole", "seed": 0}, {"env": "CartPole", "seed": 1},
-    ])
-    lr, batch, optimizer = space["pipeline.lr"], space["pipeline.batch"], space["pipeline.optimizer"]
-    assert isinstance(lr, Float) and (lr.lower, lr.upper) == (0.001, 0.3)
-    assert isinstance(lr.get_sampler(), Float._LogUniform)
-    assert isinstance(batch, Integer) and (batch.lower, batch.upper) == (2, 8)
-    assert isinstance(optimizer, Categorical) and optimizer.categories == ["adam", "sgd"]
+    packs = make_packs(cfg)
+    assert all(len(pack) == 1 for pack in packs)  # ASHA: every config its own trial
+    values = [pack[0]["values"] for pack in packs]
+    # The grid in the file's order (the last key varies fastest), num_samples draws each.
+    assert [(v["env"], v["seed"]) for v in values] == [
+        (env, seed) for env in ("Pendulum", "CartPole") for seed in (0, 1) for _ in range(3)]
+    assert all(0.001 <= v["pipeline.lr"] <= 0.3 and 2 <= v["pipeline.batch"] < 8
+               and v["pipeline.optimizer"] in ("adam", "sgd") for v in values)
     scheduler = _scheduler(cfg)
     assert isinstance(scheduler, ASHAScheduler)
     assert scheduler.metric == "return_mean" and scheduler._time_attr == "iteration"
