@@ -45,6 +45,7 @@ def run_sweep(folder: Path, name: str, grid: dict, iters: int, cpus: int, **extr
                  "pipeline.batch": 32, "compile_cache": str(folder / "compile-cache"),
                  "tracking.uri": f"sqlite:///{folder / 'mlflow.db'}"}
     overrides.update(extra.pop("overrides", {}))
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"name": name, "num_cpus": cpus, "overrides": overrides,
                                     "grid": grid, **extra}, sort_keys=False))
