@@ -757,6 +757,8 @@ class SqlBulkWriter:
             index_elements=["run_uuid", "key"],
             set_={c: new[c] for c in ("value", "timestamp", "step", "is_nan")}, where=newer)
         self._valid_keys: set[str] = set()  # metric names MLflow's validation accepted
+        self.transactions = 0  # committed bulk transactions (for tests and benchmarks)
+        self.points = 0  # metric points in them
 
     def send(self, trackers: list[MlflowTracker]) -> dict[MlflowTracker, Exception]:
         """Deliver everything ``trackers`` have pending, in transactions of up to
@@ -799,6 +801,8 @@ class SqlBulkWriter:
                 conn.execute(self.upsert_latest, _latest_rows(metric_rows))
             if param_rows:
                 conn.execute(self.insert_params, param_rows)
+        self.transactions += 1
+        self.points += len(metric_rows)
         return refused
 
     def _metric_rows(self, run_id: str, chunk: _Chunk) -> list[dict[str, Any]]:
