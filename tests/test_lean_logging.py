@@ -10,11 +10,13 @@ import shutil
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
 import sqlalchemy
 from mlflow import MlflowClient
+from test_docker import postgres  # noqa: F401 - a throwaway PostgreSQL cluster (fixture)
 
 from gradgym.platform.config import compose_run_config
 from gradgym.platform.mlflow_tracking import (
@@ -130,18 +132,35 @@ def _forget_acknowledgement(run_dir: Path) -> None:
 
 
 def test_bulk_writes_read_back_exactly_like_log_batch_with_nan_inf_and_resends(tmp_path, sqlite_uri):
+    _check_bulk_reads_back_like_log_batch(sqlite_uri, tmp_path)
+
+
+@pytest.mark.slow
+def test_bulk_writes_to_postgresql_read_back_like_log_batch(tmp_path, postgres):
+    """The same on a PostgreSQL store (MLflow's tables, its migrations, psycopg)."""
+    password = urllib.parse.quote(postgres["POSTGRES_PASSWORD"], safe="")
+    uri = (f"postgresql+psycopg://{postgres['POSTGRES_USER']}:{password}@{postgres['POSTGRES_HOST']}:"
+           f"{postgres['POSTGRES_PORT']}/{postgres['POSTGRES_DB']}")
+    assert sql_bulk_writer(uri) is not None, "a PostgreSQL store takes the bulk path"
+    _check_bulk_reads_back_like_log_batch(uri, tmp_path)
+
+
+def _check_bulk_reads_back_like_log_batch(uri: str, tmp_path: Path) -> None:
+    """A run written by the bulk path and one by ``log_batch``, from the same metrics.jsonl,
+    each delivered twice (the acknowledgement lost): MLflow reads back the same histories,
+    latest metrics and params, every point once."""
     runs = {}
     for bulk in (True, False):
         run_dir = tmp_path / f"bulk-{bulk}"
         _special_log(run_dir / METRICS_FILE, 40)
-        cfg = _cfg(sqlite_uri, "readback", bulk_sql=bulk)
+        cfg = _cfg(uri, "readback", bulk_sql=bulk)
         first = _deliver(run_dir, cfg, final=True)
         _forget_acknowledgement(run_dir)
         second = _deliver(run_dir, cfg, final=False)  # every point sent again
         assert second.run_id == first.run_id
         runs[bulk] = first.run_id
 
-    client = MlflowClient(sqlite_uri)
+    client = MlflowClient(uri)
     bulk_run, batch_run = (client.get_run(runs[b]) for b in (True, False))
     for key in [*KEYS[:4], "step_value"]:
         bulk_points, batch_points = _history(client, runs[True], key), _history(client, runs[False], key)
