@@ -78,9 +78,9 @@ class Server:
                    "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
                    "--artifacts-destination", str(root / "server-artifacts")]
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        self.log = open(root / "server.log", "wb")
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+        with open(root / "server.log", "wb") as log:  # the server keeps its own copy
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
         deadline = time.monotonic() + 180
         while not self._healthy():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -113,7 +113,6 @@ class Server:
     def stop(self) -> None:
         os.killpg(self.process.pid, 15)
         self.process.wait(timeout=30)
-        self.log.close()
 
 
 def measure(path: str, root: Path, args: argparse.Namespace, local_cpu: float) -> dict:

@@ -136,7 +136,7 @@ def test_bulk_writes_read_back_exactly_like_log_batch_with_nan_inf_and_resends(t
 
 
 @pytest.mark.slow
-def test_bulk_writes_to_postgresql_read_back_like_log_batch(tmp_path, postgres):
+def test_bulk_writes_to_postgresql_read_back_like_log_batch(tmp_path, postgres):  # noqa: F811
     """The same on a PostgreSQL store (MLflow's tables, its migrations, psycopg)."""
     password = urllib.parse.quote(postgres["POSTGRES_PASSWORD"], safe="")
     uri = (f"postgresql+psycopg://{postgres['POSTGRES_USER']}:{password}@{postgres['POSTGRES_HOST']}:"

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from omegaconf import DictConfig
 
@@ -565,7 +565,7 @@ class _Delivery:
     last tracker leaves; a later tracker starts a new one.
     """
 
-    _instances: dict[tuple[int, str], _Delivery] = {}  # (pid, uri): a forked child starts its own
+    _instances: ClassVar[dict[tuple[int, str], _Delivery]] = {}  # (pid, uri): a forked child starts its own
 
     def __init__(self, uri: str):
         self.uri = uri
@@ -738,7 +738,12 @@ class SqlBulkWriter:
 
     def __init__(self, store: Any):
         import sqlalchemy as sa
-        from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlParam, SqlRun
+        from mlflow.store.tracking.dbmodels.models import (
+            SqlLatestMetric,
+            SqlMetric,
+            SqlParam,
+            SqlRun,
+        )
 
         self.store = store
         self.engine = store.engine
