@@ -47,15 +47,16 @@ def _value(run: int, step: int, key: int) -> float:
     return run * 1000.0 + step + key / 10
 
 
-def _sender_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == THREAD_NAME]
+def _sender_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == THREAD_NAME}
 
 
-def _wait_for_no_sender(timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while _sender_threads():
-        assert time.monotonic() < deadline, "the sender thread outlived its trackers"
-        time.sleep(0.05)
+def _one_new_sender(before: set[threading.Thread]) -> threading.Thread:
+    """The one sender thread started since ``before`` (other tests' trackers of this process
+    may still have theirs, on their own stores)."""
+    new = _sender_threads() - before
+    assert len(new) == 1, f"{len(new)} sender threads for one store"
+    return new.pop()
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple]:
@@ -72,20 +73,21 @@ def sqlite_uri(tmp_path_factory) -> str:
 
 
 def test_64_trackers_share_one_sender_and_deliver_complete_histories(tmp_path, sqlite_uri):
-    _wait_for_no_sender()
+    before = _sender_threads()
     cfg = _cfg(sqlite_uri, "packed")
     trackers = [_tracker(tmp_path / f"run{i}", cfg, i).start() for i in range(64)]
     steps = 30
     for step in range(steps):  # the members of a pack report in lockstep
         for i, tracker in enumerate(trackers):
             tracker.log_iteration({key: _value(i, step, k) for k, key in enumerate(KEYS)}, step)
-        assert len(_sender_threads()) == 1
+        sender = _one_new_sender(before)
         time.sleep(0.02)
     for i, tracker in enumerate(trackers):
         tracker.log_final({"best_return": float(i)}, steps)
     for tracker in trackers:
         tracker.finish()
-    _wait_for_no_sender()
+    sender.join(timeout=10)
+    assert not sender.is_alive(), "the sender thread outlived its trackers"
 
     client = MlflowClient(sqlite_uri)
     writer = sql_bulk_writer(trackers[0].uri)
@@ -248,12 +250,13 @@ def test_the_bulk_path_checks_the_schema_it_writes(tmp_path, sqlite_uri):
 
 
 def test_many_trackers_share_one_sender_to_a_server(tmp_path, mlflow_server):
+    before = _sender_threads()
     cfg = _cfg(mlflow_server.uri, "server-packed")
     trackers = [_tracker(tmp_path / f"run{i}", cfg, i).start() for i in range(16)]
     for step in range(20):
         for i, tracker in enumerate(trackers):
             tracker.log_iteration({key: _value(i, step, k) for k, key in enumerate(KEYS)}, step)
-        assert len(_sender_threads()) == 1
+        _one_new_sender(before)
         time.sleep(0.02)
     for tracker in trackers:
         tracker.finish()
