@@ -6,6 +6,7 @@
     gradgym sweep configs/sweeps/backends.yaml grid.seed=[0,1,2]
     gradgym sweep --resume backends
     gradgym ui
+    gradgym runs [--settle]
     gradgym envs
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -63,9 +65,19 @@ def _parser() -> argparse.ArgumentParser:
     sweep.set_defaults(handler=_cmd_sweep)
 
     ui = commands.add_parser("ui", help="the MLflow dashboard on 127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=_port, default=5000, help="TCP port, 1-65535 (default: 5000)")
     ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     ui.set_defaults(handler=_cmd_ui)
+
+    runs = commands.add_parser("runs", help="list run folders with their true status",
+                               description="List the run folders under ROOT (default: runs) with "
+                                           "their true status: RUNNING only while a live process "
+                                           "holds the folder; DEAD: its process died without "
+                                           "ending the run (e.g. kill -9).")
+    runs.add_argument("root", nargs="?", type=Path, default=Path("runs"), metavar="ROOT")
+    runs.add_argument("--settle", action="store_true",
+                      help="end every DEAD run as KILLED, in its folder and in MLflow")
+    runs.set_defaults(handler=_cmd_runs)
 
     envs = commands.add_parser("envs", help="list the registered environments")
     envs.set_defaults(handler=_cmd_envs)
@@ -79,7 +91,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from gradgym.platform.config import compose_run_config, default_run_layers, load_yaml
     from gradgym.platform.mlflow_tracking import resolve_tracking_uri
-    from gradgym.platform.runner import RunDirExistsError, default_run_dir, execute_run
+    from gradgym.platform.runner import (
+        RunDirExistsError,
+        default_run_dir,
+        execute_run,
+        settle_dead_run,
+    )
 
     base = [load_yaml(args.config)] if args.config else default_run_layers()
     cfg = compose_run_config(*base, list(args.overrides))
@@ -87,22 +104,43 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg = OmegaConf.merge(cfg, {"run_dir": str(default_run_dir(cfg))})
     if cfg.tracking.enabled:
         print(f"tracking: {resolve_tracking_uri(cfg.tracking.uri)} (experiment {cfg.tracking.experiment!r})")
+    ended_by: list[int] = []
+    previous = signal.signal(signal.SIGTERM, _interrupt_on(ended_by))
     try:
         summary = execute_run(cfg)
     except RunDirExistsError as err:
+        if settle_dead_run(cfg.run_dir):  # a run killed earlier: it ends KILLED now
+            err = RunDirExistsError(f"{err} (its process had died: it is now settled as KILLED)")
         print(f"gradgym run: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except KeyboardInterrupt:
-        print(f"gradgym run: interrupted; everything logged so far is in {cfg.run_dir}", file=sys.stderr)
-        return 130
+        why = "terminated (SIGTERM)" if ended_by else "interrupted"
+        print(f"gradgym run: {why}; the run ended KILLED; everything logged so far is in "
+              f"{cfg.run_dir}", file=sys.stderr)
+        return 128 + (ended_by[0] if ended_by else signal.SIGINT)
     except Exception as err:  # noqa: BLE001 - reported with where the data is, then exit 1
         print(f"gradgym run: failed: {type(err).__name__}: {err}", file=sys.stderr)
         print(f"everything logged so far is in {cfg.run_dir}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _print_run_summary(summary)
     if cfg.tracking.enabled:
         print("open the MLflow dashboard with: gradgym ui")
     return 0
+
+
+def _interrupt_on(received: list[int]):
+    """A signal handler that ends the run like Ctrl+C does (KILLED, everything delivered),
+    noting the signal in ``received``: a process manager's SIGTERM must not leave the run
+    RUNNING in MLflow."""
+
+    def handler(signum: int, frame: object) -> None:
+        if not received:  # a second signal while the run is closing does not cut the close
+            received.append(signum)
+            raise KeyboardInterrupt
+
+    return handler
 
 
 def _print_run_summary(summary: dict) -> None:
@@ -146,7 +184,59 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- ui
 
+def _port(text: str) -> int:
+    """argparse type of a TCP port."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}; allowed: an int in [1, 65535]")
+    return port
+
+
+def _cannot_bind(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on right now (``None`` if it can)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        return f"unknown host {host!r}: {err}"
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            sock.bind(address)
+        except OSError as err:
+            return f"cannot listen on {host}:{port}: {err.strerror or err}"
+    return None
+
+
+def _die_with_parent() -> None:
+    """In a child: receive SIGTERM when the gradgym process dies, even by SIGKILL (Linux),
+    so that a crashed ``gradgym ui`` leaves no server behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the signal handlers below still stop it
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
+    # First, so that a SIGTERM while MLflow is imported stops this command cleanly too.
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return _serve_ui(args)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _serve_ui(args: argparse.Namespace) -> int:
     from gradgym.platform.mlflow_tracking import is_server_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri()
@@ -156,26 +246,42 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: the dashboard will listen on {args.host}, reachable from other machines; "
               "it has no login", file=sys.stderr)
+    why = _cannot_bind(args.host, args.port)
+    if why:
+        print(f"gradgym ui: {why}; choose another --port (1-65535) or stop what uses it",
+              file=sys.stderr)
+        return 1
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                "--host", args.host, "--port", str(args.port), "--workers", "1"]
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    print(f"MLflow dashboard of {uri}: http://{args.host}:{args.port}/#/experiments  "
-          "(runs of each sweep under its experiment; Ctrl+C stops it)", flush=True)
     # Its own process group: the server's uvicorn workers are stopped with it, whatever
-    # ends this command (Ctrl+C, SIGTERM from a process manager, an error here).
-    server = subprocess.Popen(command, env=env, start_new_session=True)
-
-    def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    # ends this command (Ctrl+C, SIGTERM from a process manager, an error here; a SIGKILL
+    # through the parent-death signal).
+    server = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
     try:
-        return server.wait()
-    except KeyboardInterrupt:
-        return 0
+        if not _wait_until_listening(server, args.host, args.port):
+            print(f"gradgym ui: the MLflow server exited with status {server.returncode} before "
+                  f"serving on {args.host}:{args.port}", file=sys.stderr)
+            return 1
+        print(f"MLflow dashboard of {uri}: http://{args.host}:{args.port}/#/experiments  "
+              "(runs of each sweep under its experiment; Ctrl+C stops it)", flush=True)
+        code = server.wait()
+        if code:
+            print(f"gradgym ui: the MLflow server exited with status {code}", file=sys.stderr)
+        return 1 if code else 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
         _stop_group(server)
+
+
+def _wait_until_listening(server: subprocess.Popen, host: str, port: int) -> bool:
+    """Wait until the server accepts connections; ``False`` if it exits first."""
+    while server.poll() is None:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.3)
+    return False
 
 
 def _stop_group(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
@@ -197,6 +303,40 @@ def _group_alive(process: subprocess.Popen) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+# ---------------------------------------------------------------------- runs
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from gradgym.platform.records import RunRecord
+    from gradgym.platform.runner import run_status, settle_dead_run
+
+    if not args.root.is_dir():
+        print(f"gradgym runs: no run folders: {str(args.root)!r} is not a folder", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    table = Table(title=f"runs in {args.root}")
+    for column in ("run", "status", "iterations", "final_return"):
+        table.add_column(column)
+    dead = 0
+    for folder in sorted(p for p in args.root.iterdir() if p.is_dir()):
+        record = RunRecord(folder)
+        if not record.is_run_folder():
+            continue
+        status = run_status(record)
+        if status == "DEAD" and args.settle and settle_dead_run(folder):
+            status = "KILLED (settled now)"
+        dead += status == "DEAD"
+        summary = record.read_summary()
+        table.add_row(folder.name, status, str(summary.get("iterations", record.iterations())),
+                      str(summary.get("final_return", "")))
+    Console(width=120).print(table)
+    if dead:
+        print(f"{dead} DEAD run(s): their process died without ending them; "
+              "`gradgym runs --settle` ends them KILLED in their folder and in MLflow")
+    return 0
 
 
 # ---------------------------------------------------------------------- envs
