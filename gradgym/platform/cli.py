@@ -173,11 +173,16 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print(f"gradgym sweep: the first argument is the sweep file, got {str(args.file)!r}",
               file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    # A process manager's SIGTERM stops the sweep as Ctrl+C does (Ray Tune saves its state
+    # and the parent run ends UNFINISHED, resumable) instead of leaving it RUNNING.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
     try:
         outcome = resume_sweep(args.resume) if args.resume else start_sweep(args.file, args.overrides)
     except SweepFailed as err:
         print(f"gradgym sweep: {err}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(outcome.describe())
     return 0 if outcome.all_finished else 1
 

@@ -114,9 +114,13 @@ class RunRecord:
 
     # ------------------------------------------------------------------ ownership
     def is_run_folder(self) -> bool:
-        """Whether the folder is a gradgym run folder (marked by its lock file, or by the
-        ``attempts`` file of runs made before the lock existed)."""
-        return (self.folder / LOCK_FILE).is_file() or (self.folder / ATTEMPTS_FILE).is_file()
+        """Whether the folder is a gradgym run folder: marked by its lock file or the
+        ``attempts`` file (runs made before the lock existed), or holding an iteration log
+        and nothing but the layout's files."""
+        if (self.folder / LOCK_FILE).is_file() or (self.folder / ATTEMPTS_FILE).is_file():
+            return True
+        names = {path.name for path in self.folder.iterdir()} if self.folder.is_dir() else set()
+        return METRICS_FILE in names and all(n in LAYOUT_NAMES or n.endswith(".tmp") for n in names)
 
     def claim(self, *, resume: bool = False) -> RunRecord:
         """Own the folder for a live run: create it (atomically) or accept an empty one or a
