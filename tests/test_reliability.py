@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -306,7 +307,8 @@ def test_9_ui_killed_leaves_no_server(tmp_path):
 
     port = free_port()
     process = subprocess.Popen(
-        ["gradgym", "ui", "--port", str(port)], cwd=tmp_path, stdout=subprocess.PIPE,
+        [sys.executable, "-m", "gradgym.platform.cli", "ui", "--port", str(port)], cwd=tmp_path,
+        stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for(lambda: _listening(port), 180, "the dashboard did not come up")
