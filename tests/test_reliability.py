@@ -20,7 +20,7 @@ from conftest import free_port, run_gradgym, start_gradgym, stop_process_group
 from mlflow import MlflowClient
 
 from gradgym.platform.cli import main
-from gradgym.platform.config import ConfigError, compose_run_config
+from gradgym.platform.config import compose_run_config
 from gradgym.platform.faults import FAULTS_VARIABLE
 from gradgym.platform.records import METRICS_FILE, RunDirBusyError, RunRecord
 from gradgym.platform.runner import default_run_dir, execute_run

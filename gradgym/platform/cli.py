@@ -91,12 +91,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from gradgym.platform.config import compose_run_config, default_run_layers, load_yaml
     from gradgym.platform.mlflow_tracking import resolve_tracking_uri
-    from gradgym.platform.runner import (
-        RunDirExistsError,
-        default_run_dir,
-        execute_run,
-        settle_dead_run,
-    )
+    from gradgym.platform.runner import RunDirExistsError, default_run_dir, execute_run
 
     base = [load_yaml(args.config)] if args.config else default_run_layers()
     cfg = compose_run_config(*base, list(args.overrides))
@@ -109,9 +104,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         summary = execute_run(cfg)
     except RunDirExistsError as err:
-        if settle_dead_run(cfg.run_dir):  # a run killed earlier: it ends KILLED now
-            err = RunDirExistsError(f"{err} (its process had died: it is now settled as KILLED)")
         print(f"gradgym run: {err}", file=sys.stderr)
+        _settle_if_dead(cfg.run_dir)
         return EXIT_CONFIG_ERROR
     except KeyboardInterrupt:
         why = "terminated (SIGTERM)" if ended_by else "interrupted"
@@ -128,6 +122,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if cfg.tracking.enabled:
         print("open the MLflow dashboard with: gradgym ui")
     return 0
+
+
+def _settle_if_dead(run_dir: str) -> None:
+    """A run folder this command touched whose run died without ending (e.g. kill -9): end
+    it KILLED now, in the folder and its tracker, and say so."""
+    from gradgym.platform.runner import settle_dead_run
+    from gradgym.platform.tracking import TrackingError
+
+    try:
+        if settle_dead_run(run_dir):
+            print(f"gradgym run: the run in {run_dir} had died without ending; it is now "
+                  "settled as KILLED", file=sys.stderr)
+    except TrackingError as err:
+        print(f"gradgym run: the run in {run_dir} died without ending and cannot be settled "
+              f"now: {err}; retry with `gradgym runs --settle`", file=sys.stderr)
 
 
 def _interrupt_on(received: list[int]):
@@ -261,8 +270,10 @@ def _serve_ui(args: argparse.Namespace) -> int:
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     # Its own process group: the server's uvicorn workers are stopped with it, whatever
     # ends this command (Ctrl+C, SIGTERM from a process manager, an error here; a SIGKILL
-    # through the parent-death signal).
-    server = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    # through the parent-death signal). preexec_fn makes one prctl call, as Ray does for
+    # the processes it starts.
+    server = subprocess.Popen(command, env=env, start_new_session=True,
+                              preexec_fn=_die_with_parent)  # noqa: PLW1509
     try:
         if not _wait_until_listening(server, args.host, args.port):
             print(f"gradgym ui: the MLflow server exited with status {server.returncode} before "
@@ -318,6 +329,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
     from gradgym.platform.records import RunRecord
     from gradgym.platform.runner import run_status, settle_dead_run
+    from gradgym.platform.tracking import TrackingError
 
     if not args.root.is_dir():
         print(f"gradgym runs: no run folders: {str(args.root)!r} is not a folder", file=sys.stderr)
@@ -325,14 +337,19 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     table = Table(title=f"runs in {args.root}")
     for column in ("run", "status", "iterations", "final_return"):
         table.add_column(column)
-    dead = 0
+    dead = unsettled = 0
     for folder in sorted(p for p in args.root.iterdir() if p.is_dir()):
         record = RunRecord(folder)
         if not record.is_run_folder():
             continue
         status = run_status(record)
-        if status == "DEAD" and args.settle and settle_dead_run(folder):
-            status = "KILLED (settled now)"
+        if status == "DEAD" and args.settle:
+            try:
+                if settle_dead_run(folder):
+                    status = "KILLED (settled now)"
+            except TrackingError as err:  # the store is away: the folder stays DEAD
+                unsettled += 1
+                print(f"gradgym runs: cannot settle {folder.name}: {err}", file=sys.stderr)
         dead += status == "DEAD"
         summary = record.read_summary()
         table.add_row(folder.name, status, str(summary.get("iterations", record.iterations())),
@@ -341,7 +358,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     if dead:
         print(f"{dead} DEAD run(s): their process died without ending them; "
               "`gradgym runs --settle` ends them KILLED in their folder and in MLflow")
-    return 0
+    return 1 if unsettled else 0
 
 
 # ---------------------------------------------------------------------- envs

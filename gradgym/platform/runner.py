@@ -246,13 +246,15 @@ def settle_dead_run(run_dir: str | Path, *, status: str = "KILLED") -> bool:
         if record.read_summary().get("status"):
             return False  # ended by someone else before the claim
         cfg = record.read_config()
+        # The tracker first: if its store is away (TrackingError), the folder stays DEAD and
+        # the next settle tries again, instead of a folder that says KILLED over a RUNNING run.
+        settle_run(record.folder, cfg.tracking, status=status, error=DIED_MESSAGE)
         record.write_summary({
             "status": status, "env": cfg.get("env"), "backend": cfg.get("backend"),
             "pipeline": OmegaConf.select(cfg, "pipeline.name"), "seed": cfg.get("seed"),
             "iterations": record.iterations(), "run_dir": str(record.folder),
             "mlflow_run_id": record.read_tracking_state().get("run_id"), "error": DIED_MESSAGE,
         })
-        settle_run(record.folder, cfg.tracking, status=status, error=DIED_MESSAGE)
         return True
     finally:
         record.release()

@@ -190,7 +190,7 @@ def _reopen_parent(cfg: DictConfig, parent: Mapping[str, Any]) -> str:
         client = mlflow_tracking.tracking_client(parent["uri"])
         previous = mlflow_tracking.with_retries(lambda: client.get_run(parent["run_id"]).info.status, limit)
         mlflow_tracking.reopen_run(parent, limit)
-    except Exception as err:  # noqa: BLE001 - TrackingError, or MLflow's own errors of a bad store
+    except Exception as err:
         raise SweepFailed(
             f"cannot reopen the sweep's MLflow parent run {parent.get('run_id')} at "
             f"{parent.get('uri')} (waited up to tracking.outage_limit_s={limit:g} s): {err}; "
