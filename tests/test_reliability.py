@@ -167,6 +167,21 @@ def test_3_a_run_killed_by_sigkill_is_settled_by_gradgym_runs(tmp_path, mlflow_s
     assert sorted(p.step for p in points) == [line["iteration"] for line in _lines(folder)]
 
 
+def test_3_the_next_run_on_a_dead_run_folder_settles_it(tmp_path, monkeypatch, capsys):
+    """A folder whose run died (its lock is free, no summary) ends KILLED when the next
+    ``gradgym run`` touches it; that run is still refused (the folder holds a run)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["run", *CEM_RUN, "pipeline.iters=3", "tracking.enabled=false", "run_dir=dead"]
+    record = RunRecord(tmp_path / "dead").claim()
+    record.write_config(compose_run_config(args[1:]))
+    record.metric_log().append(0, {"return_mean": 1.0}, 0)
+    record.release()  # what the kernel does when the run's process is killed
+    assert main(args) == 2
+    assert "settled as KILLED" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "dead" / "summary.json").read_text())
+    assert summary["status"] == "KILLED" and summary["iterations"] == 1
+
+
 # ---------------------------------------------------------------------- 10: summary counts
 
 def test_10_summary_counts_every_logged_iteration_after_a_tracking_failure(tmp_path, monkeypatch):
