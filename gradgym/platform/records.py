@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -50,6 +51,7 @@ LAYOUT_NAMES = frozenset({CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TRACKING_FILE
 # How long a resumed run waits for the folder's previous holder to end (a retried trial
 # may start before the killed process it replaces is gone).
 TAKEOVER_WAIT_S = 30.0
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # flock unsupported where the folder is
 
 
 class RunDirExistsError(FileExistsError):
@@ -164,6 +166,12 @@ class RunRecord:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except OSError as err:
+                if err.errno in _NO_LOCKS:
+                    # A file system without locks (some FUSE mounts): the folder is still
+                    # created atomically and marked; only liveness cannot be told.
+                    logging.getLogger(__name__).warning(
+                        "run folder %s: the file system offers no locks (%s)", self.folder, err)
+                    break
                 if err.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
                     holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
                     os.close(fd)
