@@ -120,6 +120,7 @@ def _faults_first_part(driver: subprocess.Popen, server: MlflowServer, folder: P
     time.sleep(10)
     left = [p for p in ray_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     injected["ray_processes_left_10s_after_driver_kill"] = len(left)
+    print("left after the driver's kill: " + ", ".join(_name(p) for p in left), flush=True)
     for process in left:  # started by this benchmark's driver: stop them before resuming
         try:
             process.kill()
@@ -153,6 +154,13 @@ def _kill_a_trial(driver: subprocess.Popen) -> bool:
         except psutil.Error:
             continue
     return False
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid} {' '.join(process.cmdline())[:80]}"
+    except psutil.Error:
+        return str(process.pid)
 
 
 def _start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
