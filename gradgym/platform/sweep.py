@@ -69,6 +69,8 @@ LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
 # The prefix of the environment variables a sweep passes on to its trials.
 GRADGYM_VARIABLES = "GRADGYM_"
 # Jax (XLA) in a trial: one thread per trial, like torch_threads.
+# How long a sweep on a Ray cluster waits for a node that fits one trial (autoscaling).
+CLUSTER_RESOURCE_WAIT_S = 300.0
 TRIAL_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
@@ -305,7 +307,8 @@ def _run(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any] | Future, r
         if isinstance(parent, Future):
             parent = parent.result()
         try:
-            check_resources(cfg)
+            # A cluster's autoscaler may add the node a trial needs; a local Ray has what it has.
+            check_resources(cfg, wait_s=CLUSTER_RESOURCE_WAIT_S if os.environ.get("RAY_ADDRESS") else 0.0)
         except SweepNotStarted:
             if parent:
                 _end_parent(cfg, parent, "FAILED")
@@ -470,27 +473,38 @@ def _split_evenly(items: list[Any], parts: int) -> list[list[Any]]:
     return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
 
 
-def check_resources(cfg: DictConfig) -> None:
+def check_resources(cfg: DictConfig, wait_s: float = 0.0) -> None:
     """Fail before any trial when no node of the Ray cluster can hold one trial (Tune would
-    leave it PENDING for ever).
+    leave it PENDING for ever). ``wait_s``: how long to wait for such a node (a cluster's
+    autoscaler may be adding one).
 
     Raises:
         SweepNotStarted: naming what a trial asks for and what the largest node has.
     """
     import ray
 
-    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    deadline, warned = time.monotonic() + wait_s, False
+    while True:
+        nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+        if any(node.get("CPU", 0.0) >= cfg.cpus_per_trial and node.get("GPU", 0.0) >= cfg.gpus_per_trial
+               for node in nodes):
+            return
+        if time.monotonic() >= deadline:
+            break
+        if not warned:
+            warned = True
+            logging.getLogger(__name__).warning(
+                "no Ray node fits a trial yet (cpus_per_trial=%g, gpus_per_trial=%g); waiting up "
+                "to %g s for the cluster to add one", cfg.cpus_per_trial, cfg.gpus_per_trial, wait_s)
+        time.sleep(5)
     cpus = max((node.get("CPU", 0.0) for node in nodes), default=0.0)
     gpus = max((node.get("GPU", 0.0) for node in nodes), default=0.0)
-    fits = any(node.get("CPU", 0.0) >= cfg.cpus_per_trial and node.get("GPU", 0.0) >= cfg.gpus_per_trial
-               for node in nodes)
-    if not fits:
-        raise SweepNotStarted(
-            f"no Ray node can run a trial: each asks for cpus_per_trial={cfg.cpus_per_trial:g}, "
-            f"gpus_per_trial={cfg.gpus_per_trial:g}; the largest node has {cpus:g} CPUs and "
-            f"{gpus:g} GPUs ({len(nodes)} node(s)); allowed: cpus_per_trial <= {cpus:g}, "
-            f"gpus_per_trial <= {gpus:g} (or a bigger cluster / num_cpus)"
-        )
+    raise SweepNotStarted(
+        f"no Ray node can run a trial: each asks for cpus_per_trial={cfg.cpus_per_trial:g}, "
+        f"gpus_per_trial={cfg.gpus_per_trial:g}; the largest node has {cpus:g} CPUs and "
+        f"{gpus:g} GPUs ({len(nodes)} node(s)); allowed: cpus_per_trial <= {cpus:g}, "
+        f"gpus_per_trial <= {gpus:g} (or a bigger cluster / num_cpus)"
+    )
 
 
 def _trial_slots(cfg: DictConfig) -> int:
