@@ -19,6 +19,9 @@ printed before and after: on a shared machine it is part of the result.
 
     python benchmarks/chaos.py                          # >= 40 configs, 2 outages of 30 s
     python benchmarks/chaos.py --seeds 4 --iters 20 --outage-s 10   # a short form
+
+Exits 1 when the target is missed: 0 points lost or duplicated, 0 runs left RUNNING, every
+config finished.
 """
 
 from __future__ import annotations
@@ -54,6 +57,11 @@ def main() -> None:
     if baseline:
         print(f"wall overhead of the faults: {chaos['wall_s'] / baseline['wall_s'] - 1:+.0%} "
               f"({chaos['wall_s']:.0f} s vs {baseline['wall_s']:.0f} s fault-free)")
+    missed = {k: chaos[k] for k in ("points_lost", "points_duplicated", "runs_left_running") if chaos[k]}
+    if missed or chaos["configs_finished"] < chaos["configs"]:
+        print(f"TARGET MISSED (0 lost, 0 duplicated, 0 left RUNNING, every config finished): {missed}")
+        sys.exit(1)
+    print("target met: 0 lost, 0 duplicated, 0 left RUNNING, every config finished")
 
 
 def _parser() -> argparse.ArgumentParser:

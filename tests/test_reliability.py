@@ -340,3 +340,18 @@ def test_9_ui_killed_leaves_no_server(tmp_path):
 def _listening(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+# ---------------------------------------------------------------------- the chaos benchmark
+
+@pytest.mark.slow
+def test_chaos_benchmark_short_form_loses_nothing(tmp_path):
+    """benchmarks/chaos.py in a short form: trial kills, two tracking-server outages, the
+    driver killed and resumed; 0 points lost or duplicated, 0 runs left RUNNING."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "chaos.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--seeds", "1", "--iters", "12", "--outage-s", "5",
+         "--trial-kills", "1", "--skip-baseline"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "target met" in result.stdout
