@@ -6,6 +6,7 @@ Runs the same sweep twice, each with its own MLflow server on 127.0.0.1 (sqlite 
 2. with faults, on a schedule measured from the sweep's start:
    - trial processes killed (SIGKILL to the Ray worker running a trial), ``--trial-kills`` times;
    - the tracking server stopped for ``--outage-s`` seconds, twice;
+   - with ``--nodes``: a Ray worker node of a multi-node ``Cluster`` on loopback killed;
    - the sweep's driver killed (SIGKILL) and the sweep resumed with ``gradgym sweep --resume``
      (the second outage falls in the resumed part).
 
@@ -19,6 +20,7 @@ printed before and after: on a shared machine it is part of the result.
 
     python benchmarks/chaos.py                          # >= 40 configs, 2 outages of 30 s
     python benchmarks/chaos.py --seeds 4 --iters 20 --outage-s 10   # a short form
+    python benchmarks/chaos.py --nodes 2     # on a 3-node Cluster on loopback; a node killed
 
 Exits 1 when the target is missed: 0 points lost or duplicated, 0 runs left RUNNING, every
 config finished.
@@ -37,6 +39,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import psutil
 import yaml
@@ -72,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--outage-s", type=float, default=30.0)
     parser.add_argument("--trial-kills", type=int, default=3)
+    parser.add_argument("--nodes", type=int, default=0,
+                        help="worker nodes of a multi-node Ray Cluster on loopback (1 CPU each, "
+                             "beside a 1-CPU head); one is killed mid-sweep. 0: a local Ray")
     parser.add_argument("--skip-baseline", action="store_true")
     return parser
 
@@ -95,12 +101,15 @@ def _sweep_once(folder: Path, args: argparse.Namespace, *, faults: bool) -> dict
     env = dict(os.environ, GRADGYM_FAULTS=json.dumps([{"match": {}, "iteration_delay_s": args.delay_s}]))
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    injected: dict[str, int] = {"trial_kills": 0, "outages": 0, "driver_kills": 0}
+    injected: dict[str, int] = {"trial_kills": 0, "outages": 0, "driver_kills": 0, "node_kills": 0}
+    cluster = _start_cluster(args.nodes) if args.nodes else None
+    if cluster is not None:
+        env["RAY_ADDRESS"] = cluster.address
     began = time.monotonic()
     try:
         driver = _start(["sweep", str(sweep_file)], folder, env)
         if faults:
-            _faults_first_part(driver, server, folder, args, injected)
+            _faults_first_part(driver, server, folder, args, injected, cluster)
             driver = _start(["sweep", "--resume", SWEEP_NAME], folder, env)
             _outage(server, args.outage_s, after_s=10, driver=driver, injected=injected)
         code = driver.wait()
@@ -108,17 +117,26 @@ def _sweep_once(folder: Path, args: argparse.Namespace, *, faults: bool) -> dict
         report = _count(server.uri, folder, args)
     finally:
         server.stop()
+        if cluster is not None:
+            cluster.shutdown()
     return {"exit_code": code, "wall_s": round(wall, 1), **report, "faults": injected}
 
 
 def _faults_first_part(driver: subprocess.Popen, server: MlflowServer, folder: Path,
-                       args: argparse.Namespace, injected: dict[str, int]) -> None:
-    """Trial kills, one outage, then the driver killed; returns once it is dead."""
+                       args: argparse.Namespace, injected: dict[str, int], cluster: Any) -> None:
+    """Trial kills, a worker node killed (multi-node), one outage, then the driver killed;
+    returns once it is dead."""
     _wait_for_trials(folder, minimum=2)
+    # Trials run in the workers of the driver's local Ray, or of this process's cluster.
+    ray_root = driver.pid if cluster is None else os.getpid()
     for _ in range(args.trial_kills):
-        if _kill_a_trial(driver):
+        if _kill_a_trial(ray_root):
             injected["trial_kills"] += 1
         time.sleep(5)
+    if cluster is not None:
+        _kill_node(cluster, next(iter(cluster.worker_nodes)))
+        injected["node_kills"] += 1
+        print("killed a Ray worker node", flush=True)
     _outage(server, args.outage_s, after_s=2, driver=driver, injected=injected)
     _wait_for_trials(folder, minimum=len(ENVS) * args.seeds // 2)
     ray_processes = psutil.Process(driver.pid).children(recursive=True)
@@ -149,10 +167,10 @@ def _outage(server: MlflowServer, seconds: float, *, after_s: float, driver: sub
     server.start()
 
 
-def _kill_a_trial(driver: subprocess.Popen) -> bool:
-    """SIGKILL one Ray worker of this sweep's driver that is running a trial (only this
-    driver's descendants: other Ray sessions on the machine are left alone)."""
-    for process in psutil.Process(driver.pid).children(recursive=True):
+def _kill_a_trial(root_pid: int) -> bool:
+    """SIGKILL one Ray worker running a trial among ``root_pid``'s descendants (only those:
+    other Ray sessions on the machine are left alone)."""
+    for process in psutil.Process(root_pid).children(recursive=True):
         try:
             title = " ".join(process.cmdline()) + process.name()
             if "ImplicitFunc" in title or "run_trial" in title:
@@ -162,6 +180,32 @@ def _kill_a_trial(driver: subprocess.Popen) -> bool:
         except psutil.Error:
             continue
     return False
+
+
+def _start_cluster(nodes: int) -> Any:
+    """A Ray Cluster on loopback: a 1-CPU head and ``nodes`` 1-CPU worker nodes."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every node on loopback only
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    for _ in range(nodes):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def _kill_node(cluster: Any, node: Any) -> None:
+    """Remove a worker node and SIGKILL every process it started (as a lost machine)."""
+    from ray._private import ray_constants
+
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    processes = [psutil.Process(raylet), *psutil.Process(raylet).children(recursive=True)]
+    cluster.remove_node(node, allow_graceful=False)
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
 
 
 def _name(process: psutil.Process) -> str:
