@@ -103,8 +103,8 @@ def _sweep_once(folder: Path, args: argparse.Namespace, *, faults: bool) -> dict
     env.pop("MLFLOW_TRACKING_URI", None)
     injected: dict[str, int] = {"trial_kills": 0, "outages": 0, "driver_kills": 0, "node_kills": 0}
     cluster = _start_cluster(args.nodes) if args.nodes else None
-    if cluster is not None:
-        env["RAY_ADDRESS"] = cluster.address
+    if cluster is not None:  # its GCS listens on loopback only, whatever address it reports
+        env["RAY_ADDRESS"] = "127.0.0.1:" + cluster.address.rsplit(":", 1)[1]
     began = time.monotonic()
     try:
         driver = _start(["sweep", str(sweep_file)], folder, env)
