@@ -103,8 +103,9 @@ def _sweep_once(folder: Path, args: argparse.Namespace, *, faults: bool) -> dict
     env.pop("MLFLOW_TRACKING_URI", None)
     injected: dict[str, int] = {"trial_kills": 0, "outages": 0, "driver_kills": 0, "node_kills": 0}
     cluster = _start_cluster(args.nodes) if args.nodes else None
-    if cluster is not None:  # its GCS listens on loopback only, whatever address it reports
+    if cluster is not None:  # its GCS listens on loopback only: the driver must stay there too
         env["RAY_ADDRESS"] = "127.0.0.1:" + cluster.address.rsplit(":", 1)[1]
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     began = time.monotonic()
     try:
         driver = _start(["sweep", str(sweep_file)], folder, env)
