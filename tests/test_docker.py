@@ -870,3 +870,51 @@ def test_entrypoints_run_a_sweep_on_ray_into_mlflow_on_postgres(postgres, tmp_pa
             service.stop()
         for path in (head_temp, worker_temp):
             shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- hardening
+
+
+def test_compose_services_drop_capabilities_and_privilege_gain(stack):
+    for name, service in stack["services"].items():
+        assert service.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        if "build" in service:  # gradgym's own image runs as an ordinary user: no capability
+            assert not service.get("cap_add"), name
+
+
+def test_kuberay_pods_are_hardened_with_writable_scratch_only():
+    _, rayjob = yaml.safe_load_all(K8S_MANIFEST.read_text())
+    for spec in _pod_specs(rayjob):
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        (container,) = spec["containers"]
+        hardening = container["securityContext"]
+        assert hardening["allowPrivilegeEscalation"] is False
+        assert hardening["readOnlyRootFilesystem"] is True
+        assert hardening["capabilities"]["drop"] == ["ALL"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for path in ("/tmp", "/dev/shm"):  # Ray's session folder, its object store
+            assert "emptyDir" in volumes[mounts[path]], path
+
+
+@pytest.mark.parametrize(
+    "script, variables",
+    [
+        ("mlflow-server.sh", {"POSTGRES_USER": "gradgym", "POSTGRES_DB": "mlflow"}),
+        ("ray-head.sh", {}),
+        ("ray-worker.sh", {"RAY_HEAD_ADDRESS": "127.0.0.1:1"}),
+        ("submit-sweep.sh", {}),
+    ],
+)
+def test_entrypoints_refuse_the_placeholder_secrets_of_env_example(tmp_path, script, variables):
+    example = _env_example()
+    assert example["POSTGRES_PASSWORD"] == "change-me" == example["RAY_AUTH_TOKEN"]
+    env = _script_env(
+        POSTGRES_PASSWORD=example["POSTGRES_PASSWORD"],
+        RAY_AUTH_TOKEN=example["RAY_AUTH_TOKEN"],
+        **variables,
+    )
+    result = _run_script(script, "configs/sweeps/quick.yaml", env=env, cwd=REPO, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "placeholder 'change-me'" in result.stderr, result.stderr

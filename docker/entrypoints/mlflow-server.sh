@@ -16,6 +16,9 @@
 # Arguments are passed on to `mlflow server`.
 set -euo pipefail
 
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+"$here/refuse-placeholder-secrets.sh" POSTGRES_PASSWORD MLFLOW_BACKEND_STORE_URI
+
 if [[ -z "${MLFLOW_BACKEND_STORE_URI:-}" ]]; then
   missing=()
   for name in POSTGRES_USER POSTGRES_PASSWORD POSTGRES_DB; do

@@ -15,6 +15,9 @@
 # Arguments are passed on to `ray start`.
 set -euo pipefail
 
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+"$here/refuse-placeholder-secrets.sh" RAY_AUTH_TOKEN
+
 args=(
   --head
   --port="${RAY_PORT:-6379}"

@@ -12,6 +12,9 @@
 # Arguments are passed on to `ray start`.
 set -euo pipefail
 
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+"$here/refuse-placeholder-secrets.sh" RAY_AUTH_TOKEN
+
 head_address="${RAY_HEAD_ADDRESS:-}"
 if [[ -z "$head_address" ]]; then
   echo "ray-worker: RAY_HEAD_ADDRESS is not set; set it to the head's host:port," \

@@ -16,6 +16,7 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+"$here/refuse-placeholder-secrets.sh" RAY_AUTH_TOKEN
 
 if (($# < 1)); then
   echo "usage: submit-sweep.sh SWEEP_FILE [gradgym sweep arguments...]" >&2

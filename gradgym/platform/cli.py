@@ -6,6 +6,7 @@
     gradgym sweep configs/sweeps/backends.yaml grid.seed=[0,1,2]
     gradgym sweep --resume backends
     gradgym ui
+    gradgym runs [--settle]
     gradgym envs
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -63,9 +65,19 @@ def _parser() -> argparse.ArgumentParser:
     sweep.set_defaults(handler=_cmd_sweep)
 
     ui = commands.add_parser("ui", help="the MLflow dashboard on 127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=_port, default=5000, help="TCP port, 1-65535 (default: 5000)")
     ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     ui.set_defaults(handler=_cmd_ui)
+
+    runs = commands.add_parser("runs", help="list run folders with their true status",
+                               description="List the run folders under ROOT (default: runs) with "
+                                           "their true status: RUNNING only while a live process "
+                                           "holds the folder; DEAD: its process died without "
+                                           "ending the run (e.g. kill -9).")
+    runs.add_argument("root", nargs="?", type=Path, default=Path("runs"), metavar="ROOT")
+    runs.add_argument("--settle", action="store_true",
+                      help="end every DEAD run as KILLED, in its folder and in MLflow")
+    runs.set_defaults(handler=_cmd_runs)
 
     envs = commands.add_parser("envs", help="list the registered environments")
     envs.set_defaults(handler=_cmd_envs)
@@ -87,22 +99,57 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg = OmegaConf.merge(cfg, {"run_dir": str(default_run_dir(cfg))})
     if cfg.tracking.enabled:
         print(f"tracking: {resolve_tracking_uri(cfg.tracking.uri)} (experiment {cfg.tracking.experiment!r})")
+    ended_by: list[int] = []
+    previous = signal.signal(signal.SIGTERM, _interrupt_on(ended_by))
     try:
         summary = execute_run(cfg)
     except RunDirExistsError as err:
         print(f"gradgym run: {err}", file=sys.stderr)
+        _settle_if_dead(cfg.run_dir)
         return EXIT_CONFIG_ERROR
     except KeyboardInterrupt:
-        print(f"gradgym run: interrupted; everything logged so far is in {cfg.run_dir}", file=sys.stderr)
-        return 130
+        why = "terminated (SIGTERM)" if ended_by else "interrupted"
+        print(f"gradgym run: {why}; the run ended KILLED; everything logged so far is in "
+              f"{cfg.run_dir}", file=sys.stderr)
+        return 128 + (ended_by[0] if ended_by else signal.SIGINT)
     except Exception as err:  # noqa: BLE001 - reported with where the data is, then exit 1
         print(f"gradgym run: failed: {type(err).__name__}: {err}", file=sys.stderr)
         print(f"everything logged so far is in {cfg.run_dir}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _print_run_summary(summary)
     if cfg.tracking.enabled:
         print("open the MLflow dashboard with: gradgym ui")
     return 0
+
+
+def _settle_if_dead(run_dir: str) -> None:
+    """A run folder this command touched whose run died without ending (e.g. kill -9): end
+    it KILLED now, in the folder and its tracker, and say so."""
+    from gradgym.platform.runner import settle_dead_run
+    from gradgym.platform.tracking import TrackingError
+
+    try:
+        if settle_dead_run(run_dir):
+            print(f"gradgym run: the run in {run_dir} had died without ending; it is now "
+                  "settled as KILLED", file=sys.stderr)
+    except TrackingError as err:
+        print(f"gradgym run: the run in {run_dir} died without ending and cannot be settled "
+              f"now: {err}; retry with `gradgym runs --settle`", file=sys.stderr)
+
+
+def _interrupt_on(received: list[int]):
+    """A signal handler that ends the run like Ctrl+C does (KILLED, everything delivered),
+    noting the signal in ``received``: a process manager's SIGTERM must not leave the run
+    RUNNING in MLflow."""
+
+    def handler(signum: int, frame: object) -> None:
+        if not received:  # a second signal while the run is closing does not cut the close
+            received.append(signum)
+            raise KeyboardInterrupt
+
+    return handler
 
 
 def _print_run_summary(summary: dict) -> None:
@@ -135,18 +182,75 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print(f"gradgym sweep: the first argument is the sweep file, got {str(args.file)!r}",
               file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    # A process manager's SIGTERM stops the sweep as Ctrl+C does (Ray Tune saves its state
+    # and the parent run ends UNFINISHED, resumable) instead of leaving it RUNNING.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
     try:
         outcome = resume_sweep(args.resume) if args.resume else start_sweep(args.file, args.overrides)
     except SweepFailed as err:
         print(f"gradgym sweep: {err}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(outcome.describe())
     return 0 if outcome.all_finished else 1
 
 
 # ---------------------------------------------------------------------- ui
 
+def _port(text: str) -> int:
+    """argparse type of a TCP port."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}; allowed: an int in [1, 65535]")
+    return port
+
+
+def _cannot_bind(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on right now (``None`` if it can)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        return f"unknown host {host!r}: {err}"
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            sock.bind(address)
+        except OSError as err:
+            return f"cannot listen on {host}:{port}: {err.strerror or err}"
+    return None
+
+
+def _die_with_parent() -> None:
+    """In a child: receive SIGTERM when the gradgym process dies, even by SIGKILL (Linux),
+    so that a crashed ``gradgym ui`` leaves no server behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the signal handlers below still stop it
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
+    # First, so that a SIGTERM while MLflow is imported stops this command cleanly too.
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return _serve_ui(args)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _serve_ui(args: argparse.Namespace) -> int:
     from gradgym.platform.mlflow_tracking import is_server_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri()
@@ -156,26 +260,44 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: the dashboard will listen on {args.host}, reachable from other machines; "
               "it has no login", file=sys.stderr)
+    why = _cannot_bind(args.host, args.port)
+    if why:
+        print(f"gradgym ui: {why}; choose another --port (1-65535) or stop what uses it",
+              file=sys.stderr)
+        return 1
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                "--host", args.host, "--port", str(args.port), "--workers", "1"]
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    print(f"MLflow dashboard of {uri}: http://{args.host}:{args.port}/#/experiments  "
-          "(runs of each sweep under its experiment; Ctrl+C stops it)", flush=True)
     # Its own process group: the server's uvicorn workers are stopped with it, whatever
-    # ends this command (Ctrl+C, SIGTERM from a process manager, an error here).
-    server = subprocess.Popen(command, env=env, start_new_session=True)
-
-    def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    # ends this command (Ctrl+C, SIGTERM from a process manager, an error here; a SIGKILL
+    # through the parent-death signal). preexec_fn makes one prctl call, as Ray does for
+    # the processes it starts.
+    server = subprocess.Popen(command, env=env, start_new_session=True,
+                              preexec_fn=_die_with_parent)  # noqa: PLW1509
     try:
-        return server.wait()
-    except KeyboardInterrupt:
-        return 0
+        if not _wait_until_listening(server, args.host, args.port):
+            print(f"gradgym ui: the MLflow server exited with status {server.returncode} before "
+                  f"serving on {args.host}:{args.port}", file=sys.stderr)
+            return 1
+        print(f"MLflow dashboard of {uri}: http://{args.host}:{args.port}/#/experiments  "
+              "(runs of each sweep under its experiment; Ctrl+C stops it)", flush=True)
+        code = server.wait()
+        if code:
+            print(f"gradgym ui: the MLflow server exited with status {code}", file=sys.stderr)
+        return 1 if code else 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
         _stop_group(server)
+
+
+def _wait_until_listening(server: subprocess.Popen, host: str, port: int) -> bool:
+    """Wait until the server accepts connections; ``False`` if it exits first."""
+    while server.poll() is None:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.3)
+    return False
 
 
 def _stop_group(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
@@ -197,6 +319,46 @@ def _group_alive(process: subprocess.Popen) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+# ---------------------------------------------------------------------- runs
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from gradgym.platform.records import RunRecord
+    from gradgym.platform.runner import run_status, settle_dead_run
+    from gradgym.platform.tracking import TrackingError
+
+    if not args.root.is_dir():
+        print(f"gradgym runs: no run folders: {str(args.root)!r} is not a folder", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    table = Table(title=f"runs in {args.root}")
+    for column in ("run", "status", "iterations", "final_return"):
+        table.add_column(column)
+    dead = unsettled = 0
+    for folder in sorted(p for p in args.root.iterdir() if p.is_dir()):
+        record = RunRecord(folder)
+        if not record.is_run_folder():
+            continue
+        status = run_status(record)
+        if status == "DEAD" and args.settle:
+            try:
+                if settle_dead_run(folder):
+                    status = "KILLED (settled now)"
+            except TrackingError as err:  # the store is away: the folder stays DEAD
+                unsettled += 1
+                print(f"gradgym runs: cannot settle {folder.name}: {err}", file=sys.stderr)
+        dead += status == "DEAD"
+        summary = record.read_summary()
+        table.add_row(folder.name, status, str(summary.get("iterations", record.iterations())),
+                      str(summary.get("final_return", "")))
+    Console(width=120).print(table)
+    if dead:
+        print(f"{dead} DEAD run(s): their process died without ending them; "
+              "`gradgym runs --settle` ends them KILLED in their folder and in MLflow")
+    return 1 if unsettled else 0
 
 
 # ---------------------------------------------------------------------- envs

@@ -19,6 +19,7 @@ import difflib
 import functools
 import itertools
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -121,6 +122,13 @@ class SweepConfig:
 
 
 SCHEDULERS = ("fifo", "asha")
+MAX_SEED = 2**32 - 1  # numpy's SeedSequence takes any int >= 0; jax and torch take 32/64 bits
+# A sweep's folder name, with room for "-N" and Ray's own names beneath it (a file name
+# may be 255 bytes on most file systems).
+MAX_SWEEP_NAME = 200
+# Peak memory of a differentiated rollout over the values it steps through (tape,
+# optimizer state, temporaries); generous, so that the check refuses only what cannot fit.
+AUTODIFF_OVERHEAD = 4
 PACK_DEFAULT = 64
 SEARCH_DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 MODES = ("max", "min")
@@ -307,7 +315,10 @@ def validate_run_config(cfg: DictConfig) -> None:
             f"{' / '.join(f'pipeline={n}' for n in others)}, which run on {cfg.backend})"
         )
     _check_pipeline_values(cfg)
-    _check_env_kwargs(cfg)
+    env = _check_env_kwargs(cfg)
+    _check_memory(cfg, env.spec.obs_dim, env.spec.act_dim)
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"invalid value {cfg.seed!r} for 'seed'; allowed: an int in [0, {MAX_SEED}]")
     if cfg.torch_threads < 1:
         raise ConfigError(f"invalid value {cfg.torch_threads!r} for 'torch_threads'; allowed: an int >= 1")
     for key in ("flush_every_s", "outage_limit_s", "request_timeout_s"):
@@ -324,13 +335,46 @@ def _check_pipeline_values(cfg: DictConfig) -> None:
         ) from None
 
 
-def _check_env_kwargs(cfg: DictConfig) -> None:
+def _check_env_kwargs(cfg: DictConfig) -> Any:
+    """The env of ``cfg`` (on numpy where it can), or the error its task arguments raise."""
     # make() checks the argument names and ranges; a numpy env is cheap and imports nothing.
     backend = "numpy" if "numpy" in registered()[cfg.env].backends else cfg.backend
     try:
-        make(cfg.env, backend=backend, dtype=cfg.dtype, **OmegaConf.to_container(cfg.env_kwargs))
+        return make(cfg.env, backend=backend, dtype=cfg.dtype, **OmegaConf.to_container(cfg.env_kwargs))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"invalid 'env_kwargs' for {cfg.env}: {err}") from None
+
+
+def rollout_bytes(cfg: DictConfig, obs_dim: int, act_dim: int) -> int:
+    """A generous estimate of a run's peak memory: every step of every rollout of one
+    iteration kept for the backward pass (state, observation, action, reward), times
+    ``AUTODIFF_OVERHEAD`` for the tape and optimizer, for the largest batch the pipeline
+    steps at once (``batch`` x ``population`` for CEM, ``eval_batch`` for evaluation)."""
+    pipeline = cfg.pipeline
+    rows = max(int(pipeline.batch) * int(pipeline.get("population", 1) or 1),
+               int(pipeline.get("eval_batch", 0) or 0))
+    per_step = 2 * obs_dim + act_dim + 1
+    itemsize = 8 if cfg.dtype == "float64" else 4
+    return rows * int(pipeline.horizon) * per_step * itemsize * AUTODIFF_OVERHEAD
+
+
+def _check_memory(cfg: DictConfig, obs_dim: int, act_dim: int) -> None:
+    """Refuse a batch x horizon that cannot fit in this machine's memory, before any work
+    (instead of a MemoryError minutes into the run)."""
+    needed, available = rollout_bytes(cfg, obs_dim, act_dim), physical_memory_bytes()
+    if needed > available:
+        per_row = max(1, needed // max(1, int(cfg.pipeline.batch)))
+        raise ConfigError(
+            f"invalid value {cfg.pipeline.batch!r} for 'pipeline.batch' with pipeline.horizon="
+            f"{cfg.pipeline.horizon}: a run needs about {needed / 2**30:.3g} GiB (estimate) and this "
+            f"machine has {available / 2**30:.3g} GiB; allowed: pipeline.batch x pipeline.horizon "
+            f"small enough, e.g. pipeline.batch <= {available // per_row} at this horizon"
+        )
+
+
+def physical_memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def run_config_to_dict(cfg: DictConfig) -> dict[str, Any]:
@@ -457,8 +501,15 @@ def _representative_draw(space: dict[str, tuple[str, list[Any]]]) -> dict[str, A
 
 def validate_sweep_config(cfg: DictConfig) -> None:
     """Check the sweep's own keys and compose the run config of every trial."""
-    if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
+    if not cfg.name or "/" in cfg.name or cfg.name.startswith(".") or "\0" in cfg.name:
         raise ConfigError(f"invalid value {cfg.name!r} for 'name'; allowed: a folder name (no '/')")
+    if len(cfg.name) > MAX_SWEEP_NAME:
+        raise ConfigError(f"invalid value for 'name' ({len(cfg.name)} characters: "
+                          f"{cfg.name[:40]!r}...); allowed: a folder name of at most "
+                          f"{MAX_SWEEP_NAME} characters")
+    if cfg.num_cpus is not None and cfg.num_cpus < 1:
+        raise ConfigError(f"invalid value {cfg.num_cpus!r} for 'num_cpus'; allowed: an int >= 1, "
+                          "or null for every CPU of this machine")
     if cfg.scheduler not in SCHEDULERS:
         raise ConfigError(_bad_value("scheduler", cfg.scheduler, SCHEDULERS))
     if cfg.asha.mode not in MODES:

@@ -11,14 +11,26 @@ A run folder (``gradgym run``'s ``runs/<name>/``, or a sweep trial's ``trials/<i
     gradients/*.png      gradient histograms
     tracking.json        the tracker's own state (e.g. the MLflow run id, what it acknowledged)
     attempts             how many times this run has started (retries of a trial)
+    .gradgym-run         the folder's owner lock: held (``flock``) by the live process that
+                         runs in the folder; its presence marks a gradgym run folder
+
+Ownership: one live process per folder. :meth:`RunRecord.claim` creates the folder
+atomically or accepts an empty one or an earlier gradgym run folder, never a folder of other
+files; it then takes the lock, which the kernel releases when the holder ends, however it
+ends (so a retry on another process can take over a dead holder's folder, and a folder
+whose lock is free while its summary says nothing is a run whose process died).
 
 Everything else reads and writes these files through :class:`RunRecord`.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import os
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +43,27 @@ SUMMARY_FILE = "summary.json"
 TRACKING_FILE = "tracking.json"
 ATTEMPTS_FILE = "attempts"
 GRADIENTS_DIR = "gradients"
+LOCK_FILE = ".gradgym-run"
 VIDEO_KEYS = ("video_initial", "video_best")  # a pipeline's video artifacts, saved as <key>.gif
+# Every name a run folder may hold (besides ``*.tmp`` files of atomic writes).
+LAYOUT_NAMES = frozenset({CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TRACKING_FILE, ATTEMPTS_FILE,
+                          GRADIENTS_DIR, LOCK_FILE} | {f"{key}.gif" for key in VIDEO_KEYS})
+# How long a resumed run waits for the folder's previous holder to end (a retried trial
+# may start before the killed process it replaces is gone).
+TAKEOVER_WAIT_S = 30.0
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # flock unsupported where the folder is
+
+
+class RunDirExistsError(FileExistsError):
+    """A new run was pointed at a folder that already holds a run."""
+
+
+class RunDirBusyError(RunDirExistsError):
+    """The run folder is held by another live process."""
+
+
+class NotARunDirError(RunDirExistsError):
+    """The folder exists, is not empty and is not a gradgym run folder."""
 
 
 class RunRecord:
@@ -39,6 +71,7 @@ class RunRecord:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------ paths
     @property
@@ -81,6 +114,100 @@ class RunRecord:
         self.folder.mkdir(parents=True, exist_ok=True)
         return self
 
+    # ------------------------------------------------------------------ ownership
+    def is_run_folder(self) -> bool:
+        """Whether the folder is a gradgym run folder: marked by its lock file or the
+        ``attempts`` file (runs made before the lock existed), or holding an iteration log
+        and nothing but the layout's files."""
+        if (self.folder / LOCK_FILE).is_file() or (self.folder / ATTEMPTS_FILE).is_file():
+            return True
+        names = {path.name for path in self.folder.iterdir()} if self.folder.is_dir() else set()
+        return METRICS_FILE in names and all(n in LAYOUT_NAMES or n.endswith(".tmp") for n in names)
+
+    def claim(self, *, resume: bool = False) -> RunRecord:
+        """Own the folder for a live run: create it (atomically) or accept an empty one or a
+        gradgym run folder, then take its lock until :meth:`release` or this process ends.
+
+        Args:
+            resume: continue a run the folder holds (a retried or resumed trial); waits up to
+                ``TAKEOVER_WAIT_S`` for a previous holder to end. Without it a folder that
+                already holds iterations is refused.
+
+        Raises:
+            NotARunDirError: the folder holds other files (nothing is written into it).
+            RunDirBusyError: another live process holds the folder.
+            RunDirExistsError: (without ``resume``) the folder already holds a run.
+        """
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir()
+        except FileExistsError:
+            if not self.folder.is_dir():
+                raise NotARunDirError(f"run_dir {str(self.folder)!r} exists and is not a folder") from None
+            if any(self.folder.iterdir()) and not self.is_run_folder():
+                raise NotARunDirError(
+                    f"run_dir {str(self.folder)!r} is not empty and is not a gradgym run folder; "
+                    "allowed: a new path, an empty folder, or a gradgym run folder"
+                ) from None
+        self._lock(wait_s=TAKEOVER_WAIT_S if resume else 0.0)
+        if not resume and self.holds_run():
+            self.release()
+            raise RunDirExistsError(
+                f"run_dir {str(self.folder)!r} already holds a run; choose another run_dir (or "
+                "leave it unset for a new folder)"
+            )
+        return self
+
+    def _lock(self, wait_s: float) -> None:
+        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno in _NO_LOCKS:
+                    # A file system without locks (some FUSE mounts): the folder is still
+                    # created atomically and marked; only liveness cannot be told.
+                    logging.getLogger(__name__).warning(
+                        "run folder %s: the file system offers no locks (%s)", self.folder, err)
+                    break
+                if err.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                    os.close(fd)
+                    if err.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    raise RunDirBusyError(
+                        f"run_dir {str(self.folder)!r} is in use by a live run (process {holder}); "
+                        "wait for it to end or choose another run_dir"
+                    ) from None
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        """Give up the folder's lock (the run is over)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def is_live(self) -> bool:
+        """Whether a live process holds the folder (this process's own claim counts)."""
+        if self._lock_fd is not None:
+            return True
+        try:
+            fd = os.open(self.folder / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # also drops the shared lock taken just to look
+
     def write_config(self, cfg: DictConfig) -> Path:
         self.config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         return self.config_path
@@ -111,6 +238,10 @@ class RunRecord:
         """The summary of a run that finished, else ``None``."""
         summary = self.read_summary()
         return summary if summary.get("status") == "FINISHED" else None
+
+    def iterations(self) -> int:
+        """How many distinct iterations ``metrics.jsonl`` holds."""
+        return len({entry.get("iteration") for entry in self.read_metrics()})
 
     def metric_log(self) -> MetricLog:
         """The iteration log, opened for appending."""

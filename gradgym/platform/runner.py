@@ -23,7 +23,13 @@ from gradgym.pipelines.base import NonFiniteReturnError
 from gradgym.pipelines.compile_cache import enable_compile_cache
 from gradgym.platform.config import flat_params
 from gradgym.platform.faults import faults_for
-from gradgym.platform.records import VIDEO_KEYS, RunRecord
+from gradgym.platform.records import (  # noqa: F401 - the errors are the runner's API too
+    VIDEO_KEYS,
+    NotARunDirError,
+    RunDirBusyError,
+    RunDirExistsError,
+    RunRecord,
+)
 from gradgym.platform.reports import gradient_histogram
 from gradgym.platform.tracking import (
     RunIdentity,
@@ -39,14 +45,21 @@ OnIteration = Callable[[Mapping[str, float], int], None]
 OnMemberIteration = Callable[[int, Mapping[str, float], int], None]
 
 
-class RunDirExistsError(FileExistsError):
-    """``gradgym run`` was pointed at a folder that already holds a run."""
-
-
 def default_run_dir(cfg: DictConfig, root: str | Path = "runs") -> Path:
-    """``runs/<pipeline>-<env>-<backend>-s<seed>-<YYYYmmdd-HHMMSS>``."""
+    """A new, empty folder ``runs/<pipeline>-<env>-<backend>-s<seed>-<YYYYmmdd-HHMMSS>``
+    (``-2``, ``-3``... when another run took that name in the same second), created here:
+    the atomic ``mkdir`` is what makes two runs started together get different folders."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(root) / f"{cfg.pipeline.name}-{cfg.env}-{cfg.backend}-s{cfg.seed}-{stamp}"
+    base = Path(root) / f"{cfg.pipeline.name}-{cfg.env}-{cfg.backend}-s{cfg.seed}-{stamp}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    candidate, number = base, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            number += 1
+            candidate = base.with_name(f"{base.name}-{number}")
 
 
 def run_tags(cfg: DictConfig, sweep: str | None = None) -> dict[str, str]:
@@ -124,17 +137,32 @@ def execute_pack(cfgs: Sequence[DictConfig], *, resume: bool = False,
         raise ValueError("the configs of a pack must share pipeline, env, backend, dtype and "
                          "every field the pipeline cannot vary per member")
     run_names = list(run_names) if run_names is not None else [None] * len(cfgs)
-    if not resume:
+    # Own every member's folder before anything is written into any of them.
+    records: list[RunRecord] = []
+    try:
         for cfg in cfgs:
-            if RunRecord(cfg.run_dir).holds_run():
-                raise RunDirExistsError(
-                    f"run_dir {cfg.run_dir!r} already holds a run; choose another run_dir (or "
-                    "leave it unset for a new timestamped folder)"
-                )
+            records.append(RunRecord(cfg.run_dir).claim(resume=resume))
+    except BaseException:
+        for record in records:
+            record.release()
+        raise
+    try:
+        return _run_members(cfgs, records, run_names, parent_run_id=parent_run_id, sweep=sweep,
+                            on_iteration=on_iteration)
+    finally:
+        for record in records:
+            record.release()  # after the summaries: the folders are settled
+
+
+def _run_members(cfgs: Sequence[DictConfig], records: list[RunRecord],
+                 run_names: Sequence[str | None], *, parent_run_id: str | None,
+                 sweep: str | None, on_iteration: OnMemberIteration | None,
+                 ) -> list[dict[str, Any] | BaseException]:
+    """Start each member's tracker, run the pipeline, write each member's ending."""
     members: list[_Member] = []
     try:
-        for index, (cfg, name) in enumerate(zip(cfgs, run_names)):
-            members.append(_Member.start(cfg, index, name, parent_run_id=parent_run_id,
+        for index, (cfg, record, name) in enumerate(zip(cfgs, records, run_names)):
+            members.append(_Member.start(cfg, record, index, name, parent_run_id=parent_run_id,
                                          sweep=sweep, on_iteration=on_iteration))
     except BaseException:
         for member in members:
@@ -184,6 +212,54 @@ def settle_run(run_dir: Path, tracking: DictConfig, *, status: str, error: str |
     return settle(record, tracking, identity, status=status, error=error)
 
 
+DIED_MESSAGE = "the run's process died without ending the run (e.g. SIGKILL); settled afterwards"
+
+
+def run_status(record: RunRecord) -> str:
+    """A run folder's true status: ``RUNNING`` only while a live process holds it; ``DEAD``
+    for a run whose process died before writing its ending (see :func:`settle_dead_run`);
+    else its summary's status."""
+    if record.is_live():
+        return "RUNNING"
+    status = record.read_summary().get("status")
+    if status:
+        return status
+    return "DEAD" if record.started() else "EMPTY"
+
+
+def settle_dead_run(run_dir: str | Path, *, status: str = "KILLED") -> bool:
+    """End a run whose process died without ending it: a summary with ``status`` in the
+    folder (its iterations: what ``metrics.jsonl`` holds) and the same ending in its
+    tracker, with every iteration not yet delivered. Returns whether the run was dead.
+
+    The folder is claimed while settling, so a live run (or another settler) is never
+    touched.
+    """
+    record = RunRecord(run_dir)
+    if record.is_live() or not record.started() or record.read_summary().get("status"):
+        return False
+    try:
+        record.claim(resume=True)
+    except RunDirExistsError:
+        return False  # taken meanwhile
+    try:
+        if record.read_summary().get("status"):
+            return False  # ended by someone else before the claim
+        cfg = record.read_config()
+        # The tracker first: if its store is away (TrackingError), the folder stays DEAD and
+        # the next settle tries again, instead of a folder that says KILLED over a RUNNING run.
+        settle_run(record.folder, cfg.tracking, status=status, error=DIED_MESSAGE)
+        record.write_summary({
+            "status": status, "env": cfg.get("env"), "backend": cfg.get("backend"),
+            "pipeline": OmegaConf.select(cfg, "pipeline.name"), "seed": cfg.get("seed"),
+            "iterations": record.iterations(), "run_dir": str(record.folder),
+            "mlflow_run_id": record.read_tracking_state().get("run_id"), "error": DIED_MESSAGE,
+        })
+        return True
+    finally:
+        record.release()
+
+
 def _run_pipeline(cfgs: Sequence[DictConfig], members: list[_Member]) -> list[MemberOutcome]:
     from gradgym.envs import make
 
@@ -223,11 +299,10 @@ class _Member:
         self.began = time.perf_counter()
 
     @classmethod
-    def start(cls, cfg: DictConfig, index: int, run_name: str | None, *,
+    def start(cls, cfg: DictConfig, record: RunRecord, index: int, run_name: str | None, *,
               parent_run_id: str | None, sweep: str | None,
               on_iteration: OnMemberIteration | None) -> _Member:
-        """Claim the run folder, record the attempt and config, start the tracker."""
-        record = RunRecord(cfg.run_dir).create()
+        """Record the attempt and config in the claimed run folder, start the tracker."""
         attempt = record.count_attempt()
         record.write_config(cfg)
         identity = run_identity(cfg, run_name or record.folder.name, sweep=sweep,
@@ -278,7 +353,9 @@ class _Member:
             "backend": cfg.backend,
             "pipeline": cfg.pipeline.name,
             "seed": cfg.seed,
-            "iterations": result.iterations if result is not None else len(recorder.returns),
+            # Without a result: what metrics.jsonl holds (an iteration logged locally whose
+            # delivery then failed counts; earlier attempts' iterations too).
+            "iterations": result.iterations if result is not None else self.record.iterations(),
             "final_return": result.final_return if result is not None else final.get("final_return"),
             "best_return": result.best_return if result is not None else final.get("best_return"),
             "compile_time_s": result.compile_time_s if result is not None else final.get("compile_time_s"),

@@ -25,9 +25,13 @@ unfinished configs), up to ``max_failures`` times.
 
 from __future__ import annotations
 
+import grp
 import logging
 import math
 import os
+import pwd
+import shutil
+import stat
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -65,11 +69,17 @@ LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
 # The prefix of the environment variables a sweep passes on to its trials.
 GRADGYM_VARIABLES = "GRADGYM_"
 # Jax (XLA) in a trial: one thread per trial, like torch_threads.
+# How long a sweep on a Ray cluster waits for a node that fits one trial (autoscaling).
+CLUSTER_RESOURCE_WAIT_S = 300.0
 TRIAL_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
 class SweepFailed(RuntimeError):
     """The sweep could not start or finish (not: some trials failed)."""
+
+
+class SweepNotStarted(SweepFailed):
+    """The sweep failed before any trial ran (its new folder is removed)."""
 
 
 @dataclass
@@ -133,10 +143,16 @@ def start_sweep(path: str | Path, overrides: Sequence[str] = (), *, storage: str
     (sweep_dir / SWEEP_FILE).write_text(OmegaConf.to_yaml(cfg))
     from ray import tune  # noqa: F401 - imported here, not beside MLflow's import in the thread
 
-    with ThreadPoolExecutor(1, thread_name_prefix="gradgym-parent-run") as pool:
-        # Importing MLflow and opening the store take seconds: they overlap Ray's start.
-        parent = pool.submit(_create_parent_run, cfg, sweep_dir)
-        return _run(cfg, sweep_dir, parent, restore=False)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="gradgym-parent-run") as pool:
+            # Importing MLflow and opening the store take seconds: they overlap Ray's start.
+            parent = pool.submit(_create_parent_run, cfg, sweep_dir)
+            return _run(cfg, sweep_dir, parent, restore=False)
+    except (SweepNotStarted, ConfigError):
+        # Nothing ran: leave no folder, so that the next start is not NAME-2 and --resume
+        # does not offer a sweep it cannot resume.
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+        raise
 
 
 def resume_sweep(name: str, *, storage: str = "sweeps") -> SweepOutcome:
@@ -150,14 +166,91 @@ def resume_sweep(name: str, *, storage: str = "sweeps") -> SweepOutcome:
             f"no sweep to resume at {str(sweep_dir)!r}; sweeps in {storage!r}: "
             f"{', '.join(known) or 'none'}"
         )
+    check_tune_state_trusted(sweep_dir / TUNE_DIR)  # before Tuner.restore unpickles it
     cfg = load_sweep_config(sweep_dir / SWEEP_FILE)
     parent = read_json(sweep_dir / PARENT_FILE)  # {} when the sweep logs nothing to MLflow
-    if parent:
-        try:
-            mlflow_tracking.reopen_run(parent, _trial_tracking(cfg).outage_limit_s)
-        except TrackingError as err:
-            raise SweepFailed(f"cannot reopen the sweep's MLflow run: {err}") from err
-    return _run(cfg, sweep_dir, parent, restore=True)
+    previous = _reopen_parent(cfg, parent) if parent else None
+    try:
+        return _run(cfg, sweep_dir, parent, restore=True)
+    except BaseException:
+        if previous and previous != "RUNNING":
+            _end_parent(cfg, parent, previous)  # a failed resume leaves the parent as it was
+        raise
+
+
+def _reopen_parent(cfg: DictConfig, parent: Mapping[str, Any]) -> str:
+    """Mark the parent run RUNNING again; returns its status before. Waits for the store
+    at most ``tracking.outage_limit_s``.
+
+    Raises:
+        SweepFailed: the store is unreachable or refused.
+    """
+    tracking = _trial_tracking(cfg)
+    mlflow_tracking.configure_http(tracking.request_timeout_s)  # no minutes-long HTTP retries
+    limit = tracking.outage_limit_s
+    try:
+        client = mlflow_tracking.tracking_client(parent["uri"])
+        previous = mlflow_tracking.with_retries(lambda: client.get_run(parent["run_id"]).info.status, limit)
+        mlflow_tracking.reopen_run(parent, limit)
+    except Exception as err:
+        raise SweepFailed(
+            f"cannot reopen the sweep's MLflow parent run {parent.get('run_id')} at "
+            f"{parent.get('uri')} (waited up to tracking.outage_limit_s={limit:g} s): {err}; "
+            "start the tracking server and resume again"
+        ) from err
+    return previous
+
+
+def _end_parent(cfg: DictConfig, parent: Mapping[str, Any], mlflow_status: str) -> None:
+    """End the parent run with an MLflow status, best effort (the sweep is failing already)."""
+    tracking = _trial_tracking(cfg)
+    try:
+        client = mlflow_tracking.tracking_client(parent["uri"])
+        mlflow_tracking.with_retries(
+            lambda: client.set_terminated(parent["run_id"], status=mlflow_status),
+            min(30.0, tracking.outage_limit_s))
+    except Exception as err:  # noqa: BLE001 - reported, the sweep's own error goes on
+        logging.getLogger(__name__).warning("could not end the sweep's MLflow run: %s", err)
+
+
+def check_tune_state_trusted(tune_dir: Path) -> None:
+    """Refuse Ray Tune state that someone else could have written.
+
+    ``Tuner.restore`` unpickles ``tuner.pkl`` (and trial state) from ``tune_dir``: a file
+    crafted by another user runs code as this one. Every file and folder beneath must be
+    owned by this user, not a symbolic link, and writable by nobody else (group-writable
+    only through the user's own private group).
+
+    Raises:
+        SweepFailed: naming the first file that fails and why.
+    """
+    uid = os.getuid()
+    own_group = _private_group()
+    for path in [tune_dir, *sorted(tune_dir.rglob("*"))]:
+        info = path.lstat()
+        problem = None
+        if stat.S_ISLNK(info.st_mode):
+            problem = "is a symbolic link"
+        elif info.st_uid != uid:
+            problem = f"is owned by uid {info.st_uid}, not by you (uid {uid})"
+        elif info.st_mode & stat.S_IWOTH:
+            problem = "is writable by every user"
+        elif info.st_mode & stat.S_IWGRP and info.st_gid != own_group:
+            problem = f"is writable by group {info.st_gid}"
+        if problem:
+            raise SweepFailed(
+                f"refusing to resume: {str(path)!r} {problem}; Ray Tune's state is unpickled on "
+                "resume, so it must be written by you alone (see README: trust boundary)"
+            )
+
+
+def _private_group() -> int | None:
+    """The user's own group (user-private-group scheme: named as the user), else ``None``."""
+    try:
+        user = pwd.getpwuid(os.getuid())
+        return user.pw_gid if grp.getgrgid(user.pw_gid).gr_name == user.pw_name else None
+    except KeyError:
+        return None
 
 
 def _new_sweep_dir(storage: Path, name: str) -> Path:
@@ -196,7 +289,7 @@ def _create_parent_run(cfg: DictConfig, sweep_dir: Path) -> dict[str, Any]:
             uri, cfg.experiment or cfg.name, cfg.name, params, [sweep_dir / SWEEP_FILE],
             limit_s=min(30.0, tracking.outage_limit_s))
     except TrackingError as err:
-        raise SweepFailed(f"cannot reach the MLflow tracking store {uri}: {err}") from err
+        raise SweepNotStarted(f"cannot reach the MLflow tracking store {uri}: {err}") from err
     write_json(sweep_dir / PARENT_FILE, parent)
     return parent
 
@@ -213,6 +306,13 @@ def _run(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any] | Future, r
     try:
         if isinstance(parent, Future):
             parent = parent.result()
+        try:
+            # A cluster's autoscaler may add the node a trial needs; a local Ray has what it has.
+            check_resources(cfg, wait_s=CLUSTER_RESOURCE_WAIT_S if os.environ.get("RAY_ADDRESS") else 0.0)
+        except SweepNotStarted:
+            if parent:
+                _end_parent(cfg, parent, "FAILED")
+            raise
         context = SweepContext(
             name=cfg.name,
             sweep_dir=str(sweep_dir),
@@ -371,6 +471,40 @@ def _split_evenly(items: list[Any], parts: int) -> list[list[Any]]:
     size, extra = divmod(len(items), parts)
     bounds = [i * size + min(i, extra) for i in range(parts + 1)]
     return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
+
+
+def check_resources(cfg: DictConfig, wait_s: float = 0.0) -> None:
+    """Fail before any trial when no node of the Ray cluster can hold one trial (Tune would
+    leave it PENDING for ever). ``wait_s``: how long to wait for such a node (a cluster's
+    autoscaler may be adding one).
+
+    Raises:
+        SweepNotStarted: naming what a trial asks for and what the largest node has.
+    """
+    import ray
+
+    deadline, warned = time.monotonic() + wait_s, False
+    while True:
+        nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+        if any(node.get("CPU", 0.0) >= cfg.cpus_per_trial and node.get("GPU", 0.0) >= cfg.gpus_per_trial
+               for node in nodes):
+            return
+        if time.monotonic() >= deadline:
+            break
+        if not warned:
+            warned = True
+            logging.getLogger(__name__).warning(
+                "no Ray node fits a trial yet (cpus_per_trial=%g, gpus_per_trial=%g); waiting up "
+                "to %g s for the cluster to add one", cfg.cpus_per_trial, cfg.gpus_per_trial, wait_s)
+        time.sleep(5)
+    cpus = max((node.get("CPU", 0.0) for node in nodes), default=0.0)
+    gpus = max((node.get("GPU", 0.0) for node in nodes), default=0.0)
+    raise SweepNotStarted(
+        f"no Ray node can run a trial: each asks for cpus_per_trial={cfg.cpus_per_trial:g}, "
+        f"gpus_per_trial={cfg.gpus_per_trial:g}; the largest node has {cpus:g} CPUs and "
+        f"{gpus:g} GPUs ({len(nodes)} node(s)); allowed: cpus_per_trial <= {cpus:g}, "
+        f"gpus_per_trial <= {gpus:g} (or a bigger cluster / num_cpus)"
+    )
 
 
 def _trial_slots(cfg: DictConfig) -> int:
