@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 from gradgym.pipelines.base import FINAL_METRICS, LOOP_METRICS
 
 # Modules that register the built-in pipelines, in the order they are listed to users.
-BUILTIN = ("trajectory", "policy", "cem")
+BUILTIN = ("trajectory", "policy", "cem", "ppo", "shac")
 DEFAULT_PIPELINE = "trajectory"
 
 
