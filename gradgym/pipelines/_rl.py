@@ -41,12 +41,7 @@ def gae(xp: Any, rewards: Any, values: Any, next_values: Any, terminated: Any, d
     ``A_t = delta_t + gamma lam (1 - done_t) A_{t+1}``, ``A_T = 0``.
     """
     deltas = rewards + gamma * (1.0 - terminated) * next_values - values
-    carry = xp.zeros_like(rewards[0])
-    advantages = []
-    for t in range(rewards.shape[0] - 1, -1, -1):
-        carry = deltas[t] + gamma * lam * (1.0 - dones[t]) * carry
-        advantages.append(carry)
-    return xp.stack(advantages[::-1])
+    return backward_recursion(xp, deltas, gamma * lam * (1.0 - dones))
 
 
 def td_lambda(xp: Any, rewards: Any, next_values: Any, terminated: Any, dones: Any,
@@ -57,16 +52,32 @@ def td_lambda(xp: Any, rewards: Any, next_values: Any, terminated: Any, dones: A
     ``c_t = 1 - done_t`` for ``t < T - 1`` and ``c_{T-1} = 0`` (the window ends: bootstrap).
     Arguments as for :func:`gae`.
     """
-    last = rewards.shape[0] - 1
-    carry = next_values[last]
-    targets = []
-    for t in range(last, -1, -1):
-        cont = xp.zeros_like(dones[t]) if t == last else 1.0 - dones[t]
-        carry = rewards[t] + gamma * (1.0 - terminated[t]) * (
-            (1.0 - lam * cont) * next_values[t] + lam * cont * carry
-        )
-        targets.append(carry)
-    return xp.stack(targets[::-1])
+    steps = rewards.shape[0]
+    inside = xp.reshape(xp.arange(steps) < steps - 1, (steps,) + (1,) * (len(dones.shape) - 1))
+    cont = xp.where(inside, 1.0 - dones, xp.zeros_like(dones))
+    kept = gamma * (1.0 - terminated)
+    return backward_recursion(xp, rewards + kept * (1.0 - lam * cont) * next_values,
+                              kept * lam * cont)
+
+
+def backward_recursion(xp: Any, base: Any, decay: Any) -> Any:
+    """``y_t = base_t + decay_t y_{t+1}`` over axis 0 with ``y_T = 0`` (GAE and TD(lambda)
+    are both of this form): a reversed ``lax.scan`` on jax (an unrolled loop compiles
+    slowly), a loop elsewhere."""
+    if getattr(xp, "__name__", "").startswith("jax"):
+        import jax
+
+        def step(after: Any, x: tuple) -> tuple:
+            value = x[0] + x[1] * after
+            return value, value
+
+        return jax.lax.scan(step, xp.zeros_like(base[0]), (base, decay), reverse=True)[1]
+    after = xp.zeros_like(base[0])
+    values = []
+    for t in range(base.shape[0] - 1, -1, -1):
+        after = base[t] + decay[t] * after
+        values.append(after)
+    return xp.stack(values[::-1])
 
 
 # ---------------------------------------------------------------------- observation statistics
