@@ -49,3 +49,28 @@ def test_methods_sweep_logs_children_per_method_and_the_comparison(tmp_path, mlf
     image = iio.imread(download / "methods.png")
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
     assert (download / "comparison.png").is_file()
+
+
+def test_method_comparison_plots_each_method_against_env_steps_and_wall_time(tmp_path):
+    import numpy as np
+
+    from gradgym.platform.reports import _score_curve, method_comparison
+
+    def history(per_iter: float, seconds: float, slope: float) -> list[dict]:
+        return [{"iteration": i, "timestamp_ms": 1000 * seconds * (i + 1), "iter_time_s": seconds,
+                 "env_steps": per_iter * (i + 1), "return_mean": 1.0,
+                 **({"eval_return_mean": slope * i} if i % 2 == 0 else {})} for i in range(6)]
+
+    curve = _score_curve(history(100.0, 0.5, 3.0), "env_steps")
+    np.testing.assert_allclose(curve[0], [0, 200, 400])  # evaluations, before their update
+    np.testing.assert_allclose(curve[1], [0, 6, 12])
+    walls = _score_curve(history(100.0, 0.5, 3.0), "wall_time_s")[0]
+    np.testing.assert_allclose(walls, [0.0, 1.0, 2.0])
+    trials = [{"env": env, "pipeline": method, "label": f"jax pipeline={method}",
+               "history": history(per_iter, 0.1, slope)}
+              for env in ("Pendulum", "CartPole") for seed in range(2)
+              for method, per_iter, slope in (("ppo", 2048, 1.0), ("shac", 2048, 2.0),
+                                              ("policy", 6400, 0.5))]
+    path = method_comparison(trials, tmp_path / "methods.png", title="t")
+    image = iio.imread(path)
+    assert image.shape[0] > 400 and image.shape[1] > 600 and image.ndim == 3

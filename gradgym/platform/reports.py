@@ -165,19 +165,27 @@ def _score_curve(history: Sequence[Mapping[str, Any]], axis: str) -> tuple | Non
     """``(x, score)`` of one trial: its evaluations (or every iteration's ``return_mean``)
     against cumulative env steps or wall time since its first iteration began (from the
     log's timestamps: evaluation and logging count, compilation before it does not;
-    summed iteration times where there are no timestamps)."""
+    summed iteration times where there are no timestamps).
+
+    An evaluation scores the parameters an iteration starts from, so it is placed where
+    the previous iteration ended; ``return_mean`` (episodes run during the iteration) at
+    the iteration's end.
+    """
     key = "eval_return_mean" if any("eval_return_mean" in h for h in history) else "return_mean"
     if history and all("timestamp_ms" in h for h in history):
         first = history[0]["timestamp_ms"] / 1e3 - history[0].get("iter_time_s", 0.0)
-        elapsed = np.asarray([h["timestamp_ms"] / 1e3 - first for h in history])
+        ends = np.asarray([h["timestamp_ms"] / 1e3 - first for h in history])
     else:
-        elapsed = np.cumsum([h.get("iter_time_s", 0.0) for h in history])
-    points = [(h.get("env_steps", i + 1) if axis == "env_steps" else elapsed[i], h[key])
-              for i, h in enumerate(history) if key in h]
+        ends = np.cumsum([h.get("iter_time_s", 0.0) for h in history])
+    steps = np.asarray([h.get("env_steps", i + 1) for i, h in enumerate(history)], dtype=float)
+    x = steps if axis == "env_steps" else ends
+    if key == "eval_return_mean":
+        x = np.concatenate([[0.0], x[:-1]])
+    points = [(x[i], h[key]) for i, h in enumerate(history) if key in h]
     if not points:
         return None
-    x, y = (np.asarray(v, dtype=float) for v in zip(*points))
-    return x, y
+    xs, ys = (np.asarray(v, dtype=float) for v in zip(*points))
+    return xs, ys
 
 
 def _mean_std_line(ax: Any, curves: list[tuple], label: str, style: dict) -> None:
