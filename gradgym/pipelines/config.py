@@ -267,8 +267,8 @@ class SHACConfig:
     num_envs: int = 64
     num_steps: int = 32  # the short horizon h of the differentiable window
     time_limit: int = 0  # episode length; 0: the env's horizon
-    lr: float = 2e-3  # the actor's
-    critic_lr: float = 2e-3
+    lr: float = 1e-2  # the actor's
+    critic_lr: float = 1e-3
     lr_schedule: str = "linear"
     betas: list[float] = field(default_factory=lambda: [0.7, 0.95])  # Adam's, as the paper
     gamma: float = 0.99
