@@ -13,8 +13,9 @@ Parts (``--parts``, all by default):
   final return (PPO at its default 100k steps) and the ratio (target >= 10x fewer).
 - ``mujoco``: SHAC on HalfCheetah-v5 and Hopper-v5 (through the transition-Jacobian bridge):
   held-out return before/after and the time per iteration.
-- ``table``: method x env, held-out return at fixed env-step budgets and wall time, over
-  ``--seeds`` seeds.
+- ``table``: method x env, held-out return at a fixed env-step budget (``--budget``) and
+  wall time, over ``--seeds`` seeds, with the env steps each method needed to reach PPO's
+  final return (the ``shac`` part's question at the table's budget).
 
 Every run uses a compile cache in a temporary folder, so seeds after the first of a
 (method, env) skip most of jax's compilation; wall times include what remains.
@@ -140,7 +141,8 @@ def sb3_rollout_rate(steps: int) -> float:
                 seed=0)
     _, callback = model._setup_learn(steps, Nothing())
     callback.on_training_start(locals(), globals())
-    began = time.perf_counter()
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=256)
+    began = time.perf_counter()  # after a warm-up rollout, as gradgym's are timed
     model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=steps)
     return steps / (time.perf_counter() - began)
 
@@ -194,15 +196,24 @@ def part_mujoco(iters: int, num_envs: int) -> None:
 
 def part_table(seeds: list[int], budget: int, envs: list[str]) -> None:
     print(f"\n== method x env at {budget} env steps (policy: {budget // 6400} iterations of "
-          f"64 x 100), held-out return and wall time, jax, {len(seeds)} seeds [{load()}]")
-    print(f"{'env':12s} {'method':7s} {'return':>15s} {'wall s':>8s}")
+          f"64 x 100), held-out return and wall time, jax, {len(seeds)} seeds; and the env "
+          f"steps SHAC and BPTT need to reach PPO's final return [{load()}]")
+    print(f"{'env':12s} {'method':7s} {'initial':>15s} {'final':>15s} {'wall s':>8s} "
+          f"{'steps to PPO final':>20s}")
     for env_name in envs:
+        runs = {}
         for method in ("ppo", "shac", "policy"):
-            fields = ({"iters": max(budget // 6400, 1), "eval_every": 5} if method == "policy"
-                      else {"env_steps": budget})
-            runs = [train(method, env_name, "jax", s, **fields) for s in seeds]
-            print(f"{env_name:12s} {method:7s} {mean_std([r['final'] for r in runs]):>15s} "
-                  f"{np.mean([r['wall'] for r in runs]):8.1f} [{load()}]", flush=True)
+            fields = ({"iters": max(budget // 6400, 1), "eval_every": 2} if method == "policy"
+                      else {"env_steps": budget, "eval_every": 2})
+            runs[method] = [train(method, env_name, "jax", s, **fields) for s in seeds]
+        target = float(np.mean([r["final"] for r in runs["ppo"]]))
+        for method, group in runs.items():
+            reach = [steps_to_reach(r["curve"], target) for r in group]
+            reached = ", ".join("never" if np.isnan(x) else f"{x / 1e3:.0f}k" for x in reach)
+            print(f"{env_name:12s} {method:7s} {mean_std([r['initial'] for r in group]):>15s} "
+                  f"{mean_std([r['final'] for r in group]):>15s} "
+                  f"{np.mean([r['wall'] for r in group]):8.1f} {reached:>20s} [{load()}]",
+                  flush=True)
 
 
 def main() -> None:

@@ -20,8 +20,7 @@ def test_methods_sweep_logs_children_per_method_and_the_comparison(tmp_path, mlf
     sweep = {
         "name": "t-methods",
         "overrides": {"env": "Pendulum", "backend": "torch", "pipeline.iters": ITERS,
-                      "pipeline.eval_every": 1, "pipeline.render": False,
-                      "pipeline.hidden": [16], "tracking.flush_every_s": 0.5},
+                      "pipeline.render": False, "tracking.flush_every_s": 0.5},
         "grid": {"pipeline": METHODS, "seed": [0, 1]},
     }
     path = tmp_path / "methods.yaml"
@@ -42,7 +41,7 @@ def test_methods_sweep_logs_children_per_method_and_the_comparison(tmp_path, mlf
         values = [m.value for m in sorted(steps, key=lambda m: m.step)]
         assert len(values) == ITERS and values[0] > 0
         assert values == [values[0] * (i + 1) for i in range(ITERS)]  # cumulative
-        assert len(client.get_metric_history(child.info.run_id, "eval_return_mean")) == ITERS
+        assert client.get_metric_history(child.info.run_id, "eval_return_mean")  # iteration 0
         assert "final_return" in child.data.metrics
 
     download = Path(client.download_artifacts(parent.info.run_id, "", str(tmp_path / "parent")))
