@@ -44,7 +44,7 @@ CONFIGS = {"ppo": PPOConfig, "shac": SHACConfig, "policy": PolicyConfig}
 
 
 def load() -> str:
-    return "load average %.2f %.2f %.2f" % os.getloadavg()
+    return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
 def train(method: str, env_name: str, backend: str, seed: int, **fields: Any) -> dict:
@@ -88,8 +88,8 @@ def part_ppo(seeds: list[int]) -> None:
 def gradgym_rollout_rate(backend: str, num_envs: int, num_steps: int, repeats: int) -> float:
     """Env steps per second of PPO's collection scan alone (the trainer's own code)."""
     from gradgym.pipelines import _rl
-    from gradgym.pipelines.ppo import initial_weights
     from gradgym.pipelines._rollout import start_states
+    from gradgym.pipelines.ppo import initial_weights
 
     env = gradgym.make("Pendulum", backend=backend)
     cfg = PPOConfig(num_envs=num_envs, num_steps=num_steps)

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import gradgym
-from gradgym.pipelines import PPOConfig, run_pipeline
-from gradgym.pipelines import _rl
+from gradgym.pipelines import PPOConfig, _rl, run_pipeline
 from gradgym.pipelines.config import PipelineConfigError, iterations
 from gradgym.pipelines.ppo import initial_weights
 
@@ -120,7 +119,7 @@ def test_ppo_loss_and_gradients_agree_between_jax_and_torch():
         batch = _ppo_batch(env, 64, np.random.default_rng(2))
         if backend == "jax":
             (loss, aux), grads = jax.value_and_grad(
-                lambda w: _rl.ppo_loss(jax.numpy, w, batch, cfg), has_aux=True)(weights)
+                lambda w, b=batch: _rl.ppo_loss(jax.numpy, w, b, cfg), has_aux=True)(weights)
             flat = np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(grads)])
         else:
             leaves = _rl.tree_map(lambda p: p.requires_grad_(True), weights)

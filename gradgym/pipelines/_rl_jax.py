@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +75,7 @@ class _Base:
     def __init__(self, env: Any, cfg: Any, seed: int, time_limit: int, act: Any):
         self.env, self.cfg, self.time_limit = env, cfg, time_limit
         self.key = jax.random.key(int(seed))
-        self.carry: Optional[tuple] = None
+        self.carry: tuple | None = None
         self._grads = None
 
         def eval_returns(params: Any, start: Any) -> Any:
@@ -102,7 +102,7 @@ class _Base:
         if self.carry is None:  # the first iteration's start states begin the run
             self.carry = (inputs, env.observe(inputs), no_episodes(env.backend, self.cfg.num_envs))
 
-    def compile(self, inputs: Any, eval_inputs: Optional[Any] = None) -> float:
+    def compile(self, inputs: Any, eval_inputs: Any | None = None) -> float:
         """Compile the iteration (and the evaluation) ahead of time; returns the seconds."""
         began = time.perf_counter()
         self._begin(inputs)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable, Optional
+from typing import Any
 
 from gradgym.envs.core import Env
 from gradgym.pipelines._loop import LoopSpec, run_loop
@@ -29,7 +30,7 @@ def prepare(pipeline: str, env: Env, cfg: Any) -> tuple[ModuleType, ModuleType, 
     return ops, trainers, iterations(cfg), int(cfg.time_limit or env.spec.horizon)
 
 
-def run(pipeline: str, env: Env, cfg: Any, seed: int, report: Optional[Report], ops: ModuleType,
+def run(pipeline: str, env: Env, cfg: Any, seed: int, report: Report | None, ops: ModuleType,
         trainer: Any, act: Callable, iters: int, time_limit: int,
         step_metrics: tuple[str, ...]) -> PipelineResult:
     """Drive ``trainer`` for ``iters`` iterations with the shared loop (a lone run).

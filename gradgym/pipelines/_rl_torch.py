@@ -8,8 +8,7 @@ transfer at its end.
 from __future__ import annotations
 
 import functools
-import time
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,16 +93,16 @@ class _Base:
         self.env, self.cfg, self.time_limit = env, cfg, time_limit
         self.generator = torch.Generator().manual_seed(int(seed))
         self.stats = initial_stats(env.backend, env.spec.obs_dim)
-        self.carry: Optional[tuple] = None
+        self.carry: tuple | None = None
         self._act = act
-        self._flat_grad: Optional[torch.Tensor] = None
+        self._flat_grad: torch.Tensor | None = None
 
     member = staticmethod(lambda tree, index: tree)  # a lone run: the tree is the member's
 
     def snapshot(self) -> Any:
         return self.params
 
-    def compile(self, inputs: Any, eval_inputs: Optional[Any] = None) -> float:
+    def compile(self, inputs: Any, eval_inputs: Any | None = None) -> float:
         return 0.0  # eager
 
     def returns(self, inputs: Any) -> np.ndarray:

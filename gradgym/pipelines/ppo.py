@@ -17,7 +17,6 @@ final policy.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 from gradgym.envs.backends import AUTODIFF_BACKENDS
 from gradgym.envs.core import Env
@@ -48,7 +47,7 @@ def initial_weights(env: Env, cfg: PPOConfig, seed: int) -> dict:
 
 
 def optimize(
-    env: Env, cfg: Optional[PPOConfig] = None, seed: int = 0, report: Optional[Report] = None
+    env: Env, cfg: PPOConfig | None = None, seed: int = 0, report: Report | None = None
 ) -> PipelineResult:
     """Train a Gaussian policy on ``env`` with PPO for ``cfg.env_steps`` env steps.
 

@@ -14,7 +14,6 @@ differentiate through the transition-Jacobian bridge. For float64, make the env 
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 from gradgym.envs.backends import AUTODIFF_BACKENDS
 from gradgym.envs.core import Env
@@ -39,7 +38,7 @@ def initial_networks(env: Env, cfg: SHACConfig, seed: int) -> tuple[list, list]:
 
 
 def optimize(
-    env: Env, cfg: Optional[SHACConfig] = None, seed: int = 0, report: Optional[Report] = None
+    env: Env, cfg: SHACConfig | None = None, seed: int = 0, report: Report | None = None
 ) -> PipelineResult:
     """Train an actor (and critic) on ``env`` with SHAC for ``cfg.env_steps`` env steps.
 
