@@ -164,10 +164,10 @@ def steps_to_reach(curve: list[tuple[float, float]], target: float) -> float:
     return float("nan")
 
 
-def part_shac(seeds: list[int], shac_steps: int) -> None:
+def part_shac(seeds: list[int], shac_steps: int, envs: list[str]) -> None:
     print(f"\n== SHAC vs PPO: env steps to reach PPO's final return (PPO 100k steps; SHAC up "
           f"to {shac_steps}), jax [{load()}]")
-    for env_name in CLASSIC_BPTT_LEARNS:
+    for env_name in envs:
         ppo = [train("ppo", env_name, "jax", s, env_steps=100_000) for s in seeds]
         shac = [train("shac", env_name, "jax", s, env_steps=shac_steps, eval_every=2)
                 for s in seeds]
@@ -224,6 +224,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=200_000)
     parser.add_argument("--envs", nargs="+",
                         default=["Pendulum", "CartPole", "MountainCar", "Reacher", "Swimmer"])
+    parser.add_argument("--shac-envs", nargs="+", default=list(CLASSIC_BPTT_LEARNS))
     parser.add_argument("--mujoco-iters", type=int, default=10)
     parser.add_argument("--mujoco-envs", type=int, default=16)
     args = parser.parse_args()
@@ -233,7 +234,7 @@ def main() -> None:
     for part in args.parts:
         {"ppo": lambda: part_ppo(seeds),
          "rollout": part_rollout,
-         "shac": lambda: part_shac(seeds, args.shac_steps),
+         "shac": lambda: part_shac(seeds, args.shac_steps, args.shac_envs),
          "mujoco": lambda: part_mujoco(args.mujoco_iters, args.mujoco_envs),
          "table": lambda: part_table(seeds, args.budget, args.envs)}[part]()
 
