@@ -126,7 +126,9 @@ def test_ppo_loss_and_gradients_agree_between_jax_and_torch():
             loss, aux = _rl.ppo_loss(torch, leaves, batch, cfg)
             loss.backward()
             flat = np.concatenate([p.grad.numpy().ravel() for p in jax.tree_util.tree_leaves(leaves)])
-        results[backend] = (float(loss), np.asarray(aux.detach() if backend == "torch" else aux), flat)
+        if backend == "torch":
+            loss, aux = loss.detach(), aux.detach()
+        results[backend] = (float(loss), np.asarray(aux), flat)
     assert results["jax"][0] == pytest.approx(results["torch"][0], rel=1e-10)
     np.testing.assert_allclose(results["jax"][1], results["torch"][1], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(results["jax"][2], results["torch"][2], rtol=1e-8, atol=1e-12)
