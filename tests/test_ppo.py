@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gradgym
-from gradgym.pipelines import PPOConfig, _rl, run_pipeline
+from gradgym.pipelines import PolicyConfig, PPOConfig, SHACConfig, _rl, get_pipeline, run_pipeline
 from gradgym.pipelines.config import PipelineConfigError, iterations
 from gradgym.pipelines.ppo import initial_weights
 
@@ -145,6 +145,10 @@ def test_bad_configs_are_rejected_before_any_work():
         run_pipeline("ppo", gradgym.make("Pendulum", backend="numpy"), PPOConfig())
     assert iterations(PPOConfig(env_steps=100_000)) == 48
     assert iterations(PPOConfig(iters=3)) == 3
+    # What the platform reads for progress bars and schedulers, from any pipeline's spec.
+    assert get_pipeline("ppo").iterations(PPOConfig(env_steps=100_000)) == 48
+    assert get_pipeline("shac").iterations(SHACConfig(env_steps=204_800)) == 100
+    assert get_pipeline("policy").iterations(PolicyConfig(iters=7)) == 7
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])

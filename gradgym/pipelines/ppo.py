@@ -24,7 +24,7 @@ from gradgym.pipelines import _rl_run
 from gradgym.pipelines._rl import gaussian_mean_action
 from gradgym.pipelines._rollout import host_rng
 from gradgym.pipelines.base import EVAL_METRIC, GRADIENT_STEP_METRICS, PipelineResult, Report
-from gradgym.pipelines.config import PPOConfig
+from gradgym.pipelines.config import PPOConfig, iterations
 from gradgym.pipelines.policy import init_mlp
 from gradgym.pipelines.registry import PipelineSpec, register
 
@@ -82,5 +82,6 @@ PIPELINE = register(PipelineSpec(
     needs_gradients=True,  # of its networks (autodiff backends); the env is only stepped
     step_metrics=PPO_METRICS,
     eval_metric=EVAL_METRIC,
+    iterations=iterations,
     summary="PPO (clipped surrogate, GAE): the model-free RL baseline",
 ))

@@ -21,7 +21,7 @@ from gradgym.pipelines import _rl_run
 from gradgym.pipelines._rl import actor_action
 from gradgym.pipelines._rollout import host_rng
 from gradgym.pipelines.base import EVAL_METRIC, GRADIENT_STEP_METRICS, PipelineResult, Report
-from gradgym.pipelines.config import SHACConfig
+from gradgym.pipelines.config import SHACConfig, iterations
 from gradgym.pipelines.policy import init_mlp
 from gradgym.pipelines.registry import PipelineSpec, register
 
@@ -73,5 +73,6 @@ PIPELINE = register(PipelineSpec(
     needs_gradients=True,
     step_metrics=SHAC_METRICS,
     eval_metric=EVAL_METRIC,
+    iterations=iterations,
     summary="short-horizon actor-critic: analytic gradients of short windows + a critic",
 ))
