@@ -68,7 +68,7 @@ def test_composed_config_is_read_only():
         (["env=Pendulm"], ["'Pendulm'", "'env'", "did you mean 'Pendulum'", "CartPole"]),
         (["backend=tensorflow"], ["'tensorflow'", "'backend'", "numpy, jax, torch"]),
         (["backend=numpy"], ["'numpy'", "'backend'", "needs gradients", "jax, torch", "pipeline=cem"]),
-        (["pipeline=ppo"], ["'ppo'", "'pipeline'", "trajectory, policy, cem"]),
+        (["pipeline=ddpg"], ["'ddpg'", "'pipeline'", "trajectory, policy, cem, ppo, shac"]),
         (["env=Reacher", "env_kwargs.num_joint=3"], ["env_kwargs", "num_joint", "num_joints"]),
         (["env=Reacher", "env_kwargs.num_joints=0"], ["env_kwargs", "num_joints", ">= 1"]),
         (["pipeline.iters=0"], ["pipeline.iters=0", "an int >= 1"]),

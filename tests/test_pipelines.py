@@ -168,9 +168,9 @@ def test_run_pipeline_by_name_and_unknown_name():
     )
     assert result.iterations == 2
     with pytest.raises(
-        ValueError, match="unknown pipeline 'ppo'; available: trajectory, policy, cem"
+        ValueError, match="unknown pipeline 'ddpg'; available: trajectory, policy, cem, ppo, shac"
     ):
-        run_pipeline("ppo", env, CEMConfig())
+        run_pipeline("ddpg", env, CEMConfig())
 
 
 # ---------------------------------------------------------------------- gradients

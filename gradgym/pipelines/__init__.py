@@ -17,7 +17,13 @@ from typing import Any, Optional
 
 from gradgym.pipelines._loop import MemberOutcome
 from gradgym.pipelines.base import PipelineResult, Report
-from gradgym.pipelines.config import CEMConfig, PolicyConfig, TrajectoryConfig
+from gradgym.pipelines.config import (
+    CEMConfig,
+    PolicyConfig,
+    PPOConfig,
+    SHACConfig,
+    TrajectoryConfig,
+)
 from gradgym.pipelines.registry import PipelineSpec, get_pipeline, pack_key, pipelines
 
 __all__ = [
@@ -25,6 +31,8 @@ __all__ = [
     "MemberOutcome",
     "PipelineSpec",
     "PolicyConfig",
+    "PPOConfig",
+    "SHACConfig",
     "TrajectoryConfig",
     "can_pack",
     "get_pipeline",

@@ -164,3 +164,138 @@ def _positive_int(value: Any) -> bool:
 
 def _non_negative_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_env_step_budget(cfg: Any) -> None:
+    """Checks of the fields of the env-step-budgeted methods (PPO, SHAC)."""
+    _check(cfg, "env_steps", _positive_int, "an int >= 1 (the env-step budget)")
+    _check(cfg, "iters", _non_negative_int, "an int >= 0 (0: as many as env_steps allows)")
+    _check(cfg, "num_envs", _positive_int, "an int >= 1")
+    _check(cfg, "num_steps", _positive_int, "an int >= 1")
+    _check(cfg, "time_limit", _non_negative_int, "an int >= 0 (0: the env's horizon)")
+    _check(cfg, "lr", lambda v: _number(v) and v > 0, "a number > 0")
+    _check(cfg, "lr_schedule", lambda v: v in ("constant", "linear"), "one of constant, linear")
+    _check(cfg, "gamma", lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]")
+    _check(cfg, "gae_lambda", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
+    _check(cfg, "hidden", lambda v: all(_positive_int(h) for h in v), "a list of ints >= 1")
+    _check(cfg, "eval_every", _positive_int, "an int >= 1")
+    _check(cfg, "eval_batch", _positive_int, "an int >= 1")
+    _check(cfg, "grad_hist_every", _non_negative_int, "an int >= 0 (0 disables)")
+    per_iteration = cfg.num_envs * cfg.num_steps
+    if cfg.env_steps < per_iteration:
+        raise PipelineConfigError(
+            cfg.name, "env_steps", cfg.env_steps,
+            f"at least num_envs * num_steps = {per_iteration} (one iteration)",
+        )
+
+
+def iterations(cfg: Any) -> int:
+    """The iterations a PPO/SHAC config runs: ``iters`` if set, else as many whole
+    iterations of ``num_envs * num_steps`` env steps as ``env_steps`` allows."""
+    if cfg.iters:
+        return int(cfg.iters)
+    return max(1, int(cfg.env_steps) // (int(cfg.num_envs) * int(cfg.num_steps)))
+
+
+SQUASHES = ("clip", "tanh")
+
+
+@dataclass
+class PPOConfig:
+    """PPO for continuous actions (clipped surrogate, GAE, value net, normalization).
+
+    Each iteration collects ``num_steps`` steps of ``num_envs`` envs (auto-reset at
+    termination or the time limit), then runs ``epochs`` passes of ``minibatches``
+    minibatches of Adam on the clipped surrogate + value loss. The budget is
+    ``env_steps``; ``iters`` (0) is derived from it. Defaults: SB3's PPO defaults with
+    the 2048 steps of an iteration spread over 32 envs.
+    """
+
+    name: str = "ppo"
+    env_steps: int = 100_000  # the budget: env steps of training rollouts
+    iters: int = 0  # 0: env_steps // (num_envs * num_steps)
+    num_envs: int = 32
+    num_steps: int = 64  # steps per env per iteration
+    time_limit: int = 0  # episode length; 0: the env's horizon
+    epochs: int = 10
+    minibatches: int = 32
+    lr: float = 3e-4
+    lr_schedule: str = "constant"  # constant or linear (to 0 over the iterations)
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_coef: float = 0.2
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0
+    max_grad_norm: float = 0.5  # clip by global norm; 0 disables
+    normalize_advantage: bool = True
+    normalize_obs: bool = True
+    squash: str = "clip"  # raw Gaussian action -> [-1, 1]: clip or tanh
+    init_log_std: float = 0.0
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    eval_every: int = 5  # iterations between held-out evaluations
+    eval_batch: int = 32
+    grad_hist_every: int = 0
+    render: bool = True
+
+    def validate(self) -> None:
+        """Raise :class:`PipelineConfigError` for the first invalid field."""
+        _check_env_step_budget(self)
+        _check(self, "epochs", _positive_int, "an int >= 1")
+        _check(self, "minibatches", lambda v: _positive_int(v) and v <= self.num_envs * self.num_steps,
+               f"an int in [1, num_envs * num_steps = {self.num_envs * self.num_steps}]")
+        for name in ("clip_coef", "vf_coef", "ent_coef", "max_grad_norm"):
+            _check(self, name, lambda v: _number(v) and v >= 0, "a number >= 0")
+        _check(self, "squash", lambda v: v in SQUASHES, f"one of {', '.join(SQUASHES)}")
+        _check(self, "init_log_std", _number, "a finite number")
+
+
+@dataclass
+class SHACConfig:
+    """Short-Horizon Actor-Critic (Xu et al., ICLR 2022).
+
+    Each iteration rolls ``num_envs`` envs ``num_steps`` steps on from where the last
+    window ended (auto-reset at termination or the time limit), differentiating the
+    window's discounted rewards plus the target critic's value at its end through the
+    env; then the critic is fitted to TD(lambda) targets of the window (``critic_iters``
+    passes of ``critic_minibatches`` minibatches) and the target critic follows it
+    (``target_alpha``: the weight kept of the old target). Budget: ``env_steps``.
+    """
+
+    name: str = "shac"
+    env_steps: int = 400_000
+    iters: int = 0  # 0: env_steps // (num_envs * num_steps)
+    num_envs: int = 64
+    num_steps: int = 32  # the short horizon h of the differentiable window
+    time_limit: int = 0  # episode length; 0: the env's horizon
+    lr: float = 1e-2  # the actor's
+    critic_lr: float = 1e-3
+    lr_schedule: str = "linear"
+    betas: list[float] = field(default_factory=lambda: [0.7, 0.95])  # Adam's, as the paper
+    gamma: float = 0.99
+    gae_lambda: float = 0.95  # TD(lambda)'s lambda
+    critic_iters: int = 16
+    critic_minibatches: int = 4
+    target_alpha: float = 0.2
+    grad_clip: float = 1.0  # the actor's gradient, by global norm; 0 disables
+    normalize_obs: bool = True
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    critic_hidden: list[int] = field(default_factory=lambda: [64, 64])
+    eval_every: int = 10
+    eval_batch: int = 32
+    grad_hist_every: int = 0
+    render: bool = True
+
+    def validate(self) -> None:
+        """Raise :class:`PipelineConfigError` for the first invalid field."""
+        _check_env_step_budget(self)
+        _check(self, "critic_lr", lambda v: _number(v) and v > 0, "a number > 0")
+        _check(self, "betas", lambda v: len(v) == 2 and all(_number(b) and 0 <= b < 1 for b in v),
+               "two numbers in [0, 1)")
+        _check(self, "critic_iters", _positive_int, "an int >= 1")
+        _check(self, "critic_minibatches",
+               lambda v: _positive_int(v) and v <= self.num_envs * self.num_steps,
+               f"an int in [1, num_envs * num_steps = {self.num_envs * self.num_steps}]")
+        _check(self, "target_alpha", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
+        _check(self, "grad_clip", lambda v: _number(v) and v >= 0, "a number >= 0 (0 disables)")
+        _check(self, "critic_hidden", lambda v: all(_positive_int(h) for h in v),
+               "a list of ints >= 1")

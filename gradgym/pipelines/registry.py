@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 from gradgym.pipelines.base import FINAL_METRICS, LOOP_METRICS
 
 # Modules that register the built-in pipelines, in the order they are listed to users.
-BUILTIN = ("trajectory", "policy", "cem")
+BUILTIN = ("trajectory", "policy", "cem", "ppo", "shac")
 DEFAULT_PIPELINE = "trajectory"
 
 
@@ -44,6 +44,9 @@ class PipelineSpec:
         packable_fields: the config fields that may differ inside a pack: per-member
             hyperparameters and what only decides what a member reports. Every other field
             shapes the shared computation and must be equal.
+        iterations: ``iterations(cfg) -> int``, how many iterations a config runs (progress
+            bars, schedulers): ``cfg.iters`` unless the pipeline budgets otherwise (PPO and
+            SHAC derive it from ``env_steps``).
     """
 
     name: str
@@ -57,6 +60,7 @@ class PipelineSpec:
     summary: str = ""
     optimize_pack: Optional[Callable[..., list[Any]]] = None
     packable_fields: tuple[str, ...] = ()
+    iterations: Callable[[Any], int] = lambda cfg: int(cfg.iters)
 
     @property
     def iteration_metrics(self) -> tuple[str, ...]:

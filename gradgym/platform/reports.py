@@ -3,6 +3,8 @@
 - :func:`gradient_histogram`: one PNG per reported gradient of a run;
 - :func:`backend_comparison`: a sweep's return vs iteration (mean ± std over seeds, one
   line per backend, one column per env) and time per iteration per backend;
+- :func:`method_comparison`: a sweep's return vs env steps and vs wall time per pipeline
+  (mean ± std over seeds), one column per env;
 - :func:`summary_table`: one CSV row per trial.
 """
 
@@ -117,6 +119,83 @@ def _aligned(histories: Sequence[Sequence[Mapping[str, Any]]], key: str) -> np.n
     for row, values in zip(aligned, series):
         row[:len(values)] = values
     return aligned
+
+
+def method_comparison(trials: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path:
+    """Compare methods (pipelines) across a sweep's trials and save the figure to ``path``.
+
+    Args:
+        trials: one mapping per finished trial with ``env``, ``pipeline``, ``label`` (its
+            line: the pipeline plus any swept key other than env, pipeline and seed) and
+            ``history`` (the iteration records of ``metrics.jsonl``).
+        path: where to write the PNG.
+
+    Per env (columns), the score (``eval_return_mean`` where a method evaluates, else
+    ``return_mean``) against cumulative env steps (top) and wall time (bottom), each
+    line the mean ± std over its trials (seeds) on a common grid of its x-axis.
+    """
+    from matplotlib.figure import Figure
+
+    envs = sorted({trial["env"] for trial in trials})
+    fig = Figure(figsize=(4.5 * max(len(envs), 1), 7), layout="constrained")
+    axes = fig.subplots(2, max(len(envs), 1), squeeze=False)
+    for column, env in enumerate(envs):
+        lines = _group(trial for trial in trials if trial["env"] == env)
+        for index, (label, members) in enumerate(sorted(lines.items())):
+            style = {"color": f"C{index % 10}", "linestyle": _DASHES[index % len(_DASHES)]}
+            for row, axis in enumerate(("env_steps", "wall_time_s")):
+                curves = [_score_curve(m["history"], axis) for m in members]
+                curves = [c for c in curves if c is not None]
+                if curves:
+                    _mean_std_line(axes[row][column], curves, f"{label} (n={len(curves)})", style)
+        for row, xlabel in enumerate(("env steps", "wall time (s)")):
+            ax = axes[row][column]
+            ax.set_title(f"{env}: return vs {xlabel} (mean ± std over seeds)", fontsize=9)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("held-out return (else return_mean)")
+            if lines:
+                ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def _score_curve(history: Sequence[Mapping[str, Any]], axis: str) -> tuple | None:
+    """``(x, score)`` of one trial: its evaluations (or every iteration's ``return_mean``)
+    against cumulative env steps or wall time since its first iteration began (from the
+    log's timestamps: evaluation and logging count, compilation before it does not;
+    summed iteration times where there are no timestamps).
+
+    An evaluation scores the parameters an iteration starts from, so it is placed where
+    the previous iteration ended; ``return_mean`` (episodes run during the iteration) at
+    the iteration's end.
+    """
+    key = "eval_return_mean" if any("eval_return_mean" in h for h in history) else "return_mean"
+    if history and all("timestamp_ms" in h for h in history):
+        first = history[0]["timestamp_ms"] / 1e3 - history[0].get("iter_time_s", 0.0)
+        ends = np.asarray([h["timestamp_ms"] / 1e3 - first for h in history])
+    else:
+        ends = np.cumsum([h.get("iter_time_s", 0.0) for h in history])
+    steps = np.asarray([h.get("env_steps", i + 1) for i, h in enumerate(history)], dtype=float)
+    x = steps if axis == "env_steps" else ends
+    if key == "eval_return_mean":
+        x = np.concatenate([[0.0], x[:-1]])
+    points = [(x[i], h[key]) for i, h in enumerate(history) if key in h]
+    if not points:
+        return None
+    xs, ys = (np.asarray(v, dtype=float) for v in zip(*points))
+    return xs, ys
+
+
+def _mean_std_line(ax: Any, curves: list[tuple], label: str, style: dict) -> None:
+    """Curves interpolated onto one grid (up to where the shortest ends), mean ± std."""
+    end = min(x[-1] for x, _ in curves)
+    grid = np.linspace(min(x[0] for x, _ in curves), end, 100) if end > 0 else curves[0][0]
+    values = np.stack([np.interp(grid, x, y) for x, y in curves])
+    mean, std = values.mean(axis=0), values.std(axis=0)
+    ax.plot(grid, mean, linewidth=2, label=label, **style)
+    ax.fill_between(grid, mean - std, mean + std, color=style["color"], alpha=0.25)
 
 
 def summary_table(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:

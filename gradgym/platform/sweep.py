@@ -700,11 +700,14 @@ def _iterations(member: Mapping[str, Any]) -> int:
 # ---------------------------------------------------------------------- the end
 
 def _finish(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any], results: Any) -> SweepOutcome:
-    from gradgym.platform.reports import backend_comparison, summary_table
+    from gradgym.platform.reports import backend_comparison, method_comparison, summary_table
 
     rows, curves = _collect(cfg, sweep_dir, results)
     summary_table(rows, sweep_dir / "summary.csv")
     backend_comparison(curves, sweep_dir / "comparison.png", title=f"sweep {cfg.name}")
+    plots = [sweep_dir / "summary.csv", sweep_dir / "comparison.png"]
+    if len({row.get("pipeline") for row in rows if row.get("pipeline")}) > 1:
+        plots.append(method_comparison(curves, sweep_dir / "methods.png", title=f"sweep {cfg.name}"))
     outcome = SweepOutcome(cfg.name, sweep_dir, rows, parent.get("run_id"), parent.get("uri"))
     if parent:
         # Deliver what trials could not before their process ended (killed, stopped while
@@ -718,7 +721,7 @@ def _finish(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any], results
                        parent_run_id=parent["run_id"], sweep=cfg.name, run_name=name)
         failed = sum(row["status"] == "FAILED" for row in rows)
         mlflow_tracking.close_parent_run(
-            parent, [sweep_dir / "summary.csv", sweep_dir / "comparison.png"],
+            parent, plots,
             {"trials": str(len(rows)), "trials_failed": str(failed)},
             "UNFINISHED" if outcome.interrupted else "FINISHED", tracking.outage_limit_s)
     return outcome

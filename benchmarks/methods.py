@@ -1,0 +1,243 @@
+"""PPO, SHAC and BPTT (pipeline=policy) side by side, and PPO's rollout speed next to SB3's.
+
+Parts (``--parts``, all by default):
+
+- ``ppo``: PPO on Pendulum for 100k env steps, jax and torch, ``--seeds`` seeds: the
+  held-out return of the final policy (target >= 55; SB3's PPO reached 58 at 33k steps).
+- ``rollout``: env steps per second of PPO's rollout phase (policy forward, Gaussian
+  sampling, env step, auto-reset, storage) on gradgym/Pendulum: gradgym's batched
+  functional env (jax: one jitted ``lax.scan``; torch: an eager loop) vs Stable-Baselines3's
+  ``collect_rollouts`` on ``gymnasium.make("gradgym/Pendulum-v0")``, measured in this run.
+  Target: >= 10x SB3's.
+- ``shac``: on the classic tasks where BPTT learns, the env steps SHAC needs to reach PPO's
+  final return (PPO at its default 100k steps) and the ratio (target >= 10x fewer).
+- ``mujoco``: SHAC on HalfCheetah-v5 and Hopper-v5 (through the transition-Jacobian bridge):
+  held-out return before/after and the time per iteration.
+- ``table``: method x env, held-out return at a fixed env-step budget (``--budget``) and
+  wall time, over ``--seeds`` seeds, with the env steps each method needed to reach PPO's
+  final return (the ``shac`` part's question at the table's budget).
+
+Every run uses a compile cache in a temporary folder, so seeds after the first of a
+(method, env) skip most of jax's compilation; wall times include what remains.
+
+    python benchmarks/methods.py                      # everything (long)
+    python benchmarks/methods.py --parts ppo rollout --seeds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+import gradgym
+from gradgym.pipelines import PolicyConfig, PPOConfig, SHACConfig, run_pipeline
+from gradgym.pipelines.compile_cache import enable_compile_cache
+
+CLASSIC_BPTT_LEARNS = ("CartPole", "MountainCar", "Reacher", "Swimmer")
+CONFIGS = {"ppo": PPOConfig, "shac": SHACConfig, "policy": PolicyConfig}
+
+
+def load() -> str:
+    return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def train(method: str, env_name: str, backend: str, seed: int, **fields: Any) -> dict:
+    """One run: its held-out curve ``[(env steps, return)]``, final return, wall time."""
+    curve: list[tuple[float, float]] = []
+
+    def report(metrics: dict, step: int, artifacts: Any = None) -> None:
+        if "eval_return_mean" in metrics:
+            curve.append((metrics["env_steps"] - metrics["env_steps"] / (step + 1),
+                          metrics["eval_return_mean"]))
+
+    env = gradgym.make(env_name, backend=backend)
+    began = time.perf_counter()
+    result = run_pipeline(method, env, CONFIGS[method](render=False, **fields), seed, report)
+    wall = time.perf_counter() - began
+    steps = result.history[-1]["env_steps"]
+    curve.append((steps, result.final_return))
+    iter_times = [h["iter_time_s"] for h in result.history[1:]] or [np.nan]
+    return {"curve": curve, "final": result.final_return, "initial": curve[0][1], "wall": wall,
+            "steps": steps, "compile": result.compile_time_s,
+            "iter_time": float(np.median(iter_times))}
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):6.1f} ± {np.std(values):4.1f}"
+
+
+# ---------------------------------------------------------------------- parts
+
+
+def part_ppo(seeds: list[int]) -> None:
+    print(f"\n== PPO on Pendulum, 100k env steps, held-out return (target >= 55) [{load()}]")
+    for backend in ("jax", "torch"):
+        runs = [train("ppo", "Pendulum", backend, s, env_steps=100_000) for s in seeds]
+        finals = [r["final"] for r in runs]
+        print(f"{backend:6s} initial {mean_std([r['initial'] for r in runs])} -> final "
+              f"{mean_std(finals)} (per seed {', '.join(f'{f:.1f}' for f in finals)}), "
+              f"wall {np.mean([r['wall'] for r in runs]):.1f} s [{load()}]")
+
+
+def gradgym_rollout_rate(backend: str, num_envs: int, num_steps: int, repeats: int) -> float:
+    """Env steps per second of PPO's collection scan alone (the trainer's own code)."""
+    from gradgym.pipelines import _rl
+    from gradgym.pipelines._rollout import start_states
+    from gradgym.pipelines.ppo import initial_weights
+
+    env = gradgym.make("Pendulum", backend=backend)
+    cfg = PPOConfig(num_envs=num_envs, num_steps=num_steps)
+    weights = initial_weights(env, cfg, 0)
+    stats = _rl.initial_stats(env.backend, env.spec.obs_dim)
+    starts = start_states(env, 0, num_envs)
+    carry = (starts, env.observe(starts), _rl.no_episodes(env.backend, num_envs))
+    collect = lambda p, c, x: _rl.ppo_collect_step(env, env.spec.horizon, "clip", p, c, x)
+    shape = (num_steps, num_envs, env.spec.act_dim)
+    if backend == "jax":
+        import jax
+
+        @jax.jit
+        def rollout(carry, key):
+            params = (weights["policy"], weights["log_std"], stats, _rl.restart_from(env, starts))
+            noise = jax.random.normal(key, shape)
+            return jax.lax.scan(lambda c, x: collect(params, c, x), carry, noise)
+
+        key = jax.random.key(0)
+        jax.block_until_ready(rollout(carry, key))
+        began = time.perf_counter()
+        for _ in range(repeats):
+            key, sub = jax.random.split(key)
+            carry, data = rollout(carry, sub)
+        jax.block_until_ready(data)
+    else:
+        from gradgym.pipelines._rollout import loop_scan
+
+        params = (weights["policy"], weights["log_std"], stats, _rl.restart_from(env, starts))
+        began = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(repeats):
+                carry, data = loop_scan(torch.stack, collect, params, carry,
+                                        torch.randn(shape), num_steps)
+    return repeats * num_envs * num_steps / (time.perf_counter() - began)
+
+
+def sb3_rollout_rate(steps: int) -> float:
+    """Env steps per second of SB3 PPO's ``collect_rollouts`` on gradgym/Pendulum-v0."""
+    import gymnasium
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class Nothing(BaseCallback):
+        def _on_step(self) -> bool:
+            return True
+
+    model = PPO("MlpPolicy", gymnasium.make("gradgym/Pendulum-v0"), n_steps=steps, device="cpu",
+                seed=0)
+    _, callback = model._setup_learn(steps, Nothing())
+    callback.on_training_start(locals(), globals())
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=256)
+    began = time.perf_counter()  # after a warm-up rollout, as gradgym's are timed
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=steps)
+    return steps / (time.perf_counter() - began)
+
+
+def part_rollout() -> None:
+    print(f"\n== PPO rollout phase on Pendulum: env steps/s (target >= 10x SB3) [{load()}]")
+    sb3 = sb3_rollout_rate(4096)
+    print(f"SB3 PPO collect_rollouts (1 gymnasium env):  {sb3:10.0f} steps/s")
+    for backend, num_envs in (("jax", 32), ("jax", 1024), ("torch", 32), ("torch", 1024)):
+        rate = gradgym_rollout_rate(backend, num_envs, 64, repeats=20 if backend == "jax" else 3)
+        print(f"gradgym {backend:5s} {num_envs:5d} envs x 64 steps:     {rate:10.0f} steps/s "
+              f"= {rate / sb3:6.1f}x SB3 [{load()}]")
+
+
+def steps_to_reach(curve: list[tuple[float, float]], target: float) -> float:
+    for steps, value in curve:
+        if value >= target:
+            return steps
+    return float("nan")
+
+
+def part_shac(seeds: list[int], shac_steps: int, envs: list[str]) -> None:
+    print(f"\n== SHAC vs PPO: env steps to reach PPO's final return (PPO 100k steps; SHAC up "
+          f"to {shac_steps}), jax [{load()}]")
+    for env_name in envs:
+        ppo = [train("ppo", env_name, "jax", s, env_steps=100_000) for s in seeds]
+        shac = [train("shac", env_name, "jax", s, env_steps=shac_steps, eval_every=2)
+                for s in seeds]
+        target = float(np.mean([r["final"] for r in ppo]))
+        reach = [steps_to_reach(r["curve"], target) for r in shac]
+        ratio = 100_000 / np.nanmean(reach) if not np.all(np.isnan(reach)) else float("nan")
+        print(f"{env_name:12s} PPO final {mean_std([r['final'] for r in ppo])} | SHAC final "
+              f"{mean_std([r['final'] for r in shac])}, reaches {target:.1f} at "
+              f"{', '.join('never' if np.isnan(x) else f'{x:.0f}' for x in reach)} steps "
+              f"-> {ratio:.2f}x fewer than PPO [{load()}]")
+
+
+def part_mujoco(iters: int, num_envs: int) -> None:
+    print(f"\n== SHAC on MuJoCo through the Jacobian bridge ({num_envs} envs x 32 steps, "
+          f"{iters} iterations) [{load()}]")
+    for env_name in ("HalfCheetah-v5", "Hopper-v5"):
+        for backend in ("jax", "torch"):
+            run = train("shac", env_name, backend, 0, iters=iters, num_envs=num_envs,
+                        env_steps=iters * num_envs * 32, eval_every=max(iters // 2, 1),
+                        eval_batch=4)
+            print(f"{env_name:15s} {backend:5s} held-out {run['initial']:8.1f} -> "
+                  f"{run['final']:8.1f}; {run['iter_time']:.2f} s/iteration "
+                  f"({num_envs * 32 / run['iter_time']:.0f} env steps/s), compile "
+                  f"{run['compile']:.1f} s [{load()}]")
+
+
+def part_table(seeds: list[int], budget: int, envs: list[str]) -> None:
+    print(f"\n== method x env at {budget} env steps (policy: {budget // 6400} iterations of "
+          f"64 x 100), held-out return and wall time, jax, {len(seeds)} seeds; and the env "
+          f"steps SHAC and BPTT need to reach PPO's final return [{load()}]")
+    print(f"{'env':12s} {'method':7s} {'initial':>15s} {'final':>15s} {'wall s':>8s} "
+          f"{'steps to PPO final':>20s}")
+    for env_name in envs:
+        runs = {}
+        for method in ("ppo", "shac", "policy"):
+            fields = ({"iters": max(budget // 6400, 1), "eval_every": 2} if method == "policy"
+                      else {"env_steps": budget, "eval_every": 2})
+            runs[method] = [train(method, env_name, "jax", s, **fields) for s in seeds]
+        target = float(np.mean([r["final"] for r in runs["ppo"]]))
+        for method, group in runs.items():
+            reach = [steps_to_reach(r["curve"], target) for r in group]
+            reached = ", ".join("never" if np.isnan(x) else f"{x / 1e3:.0f}k" for x in reach)
+            print(f"{env_name:12s} {method:7s} {mean_std([r['initial'] for r in group]):>15s} "
+                  f"{mean_std([r['final'] for r in group]):>15s} "
+                  f"{np.mean([r['wall'] for r in group]):8.1f} {reached:>20s} [{load()}]",
+                  flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", nargs="+", default=["ppo", "rollout", "shac", "mujoco", "table"])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--shac-steps", type=int, default=400_000)
+    parser.add_argument("--budget", type=int, default=200_000)
+    parser.add_argument("--envs", nargs="+",
+                        default=["Pendulum", "CartPole", "MountainCar", "Reacher", "Swimmer"])
+    parser.add_argument("--shac-envs", nargs="+", default=list(CLASSIC_BPTT_LEARNS))
+    parser.add_argument("--mujoco-iters", type=int, default=10)
+    parser.add_argument("--mujoco-envs", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    enable_compile_cache(tempfile.mkdtemp(prefix="gradgym-methods-"))
+    seeds = list(range(args.seeds))
+    for part in args.parts:
+        {"ppo": lambda: part_ppo(seeds),
+         "rollout": part_rollout,
+         "shac": lambda: part_shac(seeds, args.shac_steps, args.shac_envs),
+         "mujoco": lambda: part_mujoco(args.mujoco_iters, args.mujoco_envs),
+         "table": lambda: part_table(seeds, args.budget, args.envs)}[part]()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Short-Horizon Actor-Critic (SHAC; Xu et al., ICLR 2022).
+
+The actor is trained on analytic gradients of short windows (``num_steps`` steps) of the
+env, which continue from one iteration to the next along long episodes; each window's
+return is completed by the discounted value of its last state from a target critic, so
+the gradient sees past the window without back-propagating through the whole episode.
+The critic is fitted to the window's TD(lambda) returns; the target critic follows it
+by Polyak averaging. Actor: a tanh MLP of the normalized observation (deterministic);
+actor gradients are clipped by global norm and their norms reported. MuJoCo tasks
+differentiate through the transition-Jacobian bridge. For float64, make the env with
+``dtype="float64"`` (``gradgym run ... dtype=float64``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from gradgym.envs.backends import AUTODIFF_BACKENDS
+from gradgym.envs.core import Env
+from gradgym.pipelines import _rl_run
+from gradgym.pipelines._rl import actor_action
+from gradgym.pipelines._rollout import host_rng
+from gradgym.pipelines.base import EVAL_METRIC, GRADIENT_STEP_METRICS, PipelineResult, Report
+from gradgym.pipelines.config import SHACConfig, iterations
+from gradgym.pipelines.policy import init_mlp
+from gradgym.pipelines.registry import PipelineSpec, register
+
+SHAC_METRICS = GRADIENT_STEP_METRICS + ("critic_loss",)
+
+
+def initial_networks(env: Env, cfg: SHACConfig, seed: int) -> tuple[list, list]:
+    """``(actor layers, critic layers)`` drawn from the seed."""
+    rng = host_rng(seed, _rl_run.WEIGHTS_STREAM)
+    obs, act = env.spec.obs_dim, env.spec.act_dim
+    actor = init_mlp(env, rng, [obs, *[int(h) for h in cfg.hidden], act])
+    critic = init_mlp(env, rng, [obs, *[int(h) for h in cfg.critic_hidden], 1])
+    return actor, critic
+
+
+def optimize(
+    env: Env, cfg: SHACConfig | None = None, seed: int = 0, report: Report | None = None
+) -> PipelineResult:
+    """Train an actor (and critic) on ``env`` with SHAC for ``cfg.env_steps`` env steps.
+
+    Args:
+        env: an env made with backend ``"jax"`` or ``"torch"`` (float32 or float64).
+        cfg: the pipeline config (defaults: the paper's, 64 envs, windows of 32 steps).
+        seed: selects the weights and the start states.
+        report: called with each iteration's metrics and once at the end (see ``base``).
+
+    Returns:
+        A :class:`PipelineResult` whose ``params`` are ``(actor layers, obs statistics)``;
+        ``final_return`` and ``best_return`` are held-out mean returns.
+
+    Raises:
+        ValueError: an invalid config or a backend without gradients, before any work.
+        NonFiniteReturnError: a return became NaN/inf (everything so far is reported).
+    """
+    cfg = cfg if cfg is not None else SHACConfig()
+    ops, trainers, iters, time_limit = _rl_run.prepare("shac", env, cfg)
+    actor, critic = initial_networks(env, cfg, seed)
+    trainer = trainers.SHACTrainer(env, cfg, actor, critic, seed, time_limit, iters)
+    act = functools.partial(actor_action, env.xp)
+    return _rl_run.run("shac", env, cfg, seed, report, ops, trainer, act, iters, time_limit,
+                       SHAC_METRICS)
+
+
+PIPELINE = register(PipelineSpec(
+    name="shac",
+    config=SHACConfig,
+    optimize=optimize,
+    backends=AUTODIFF_BACKENDS,
+    needs_gradients=True,
+    step_metrics=SHAC_METRICS,
+    eval_metric=EVAL_METRIC,
+    iterations=iterations,
+    summary="short-horizon actor-critic: analytic gradients of short windows + a critic",
+))
