@@ -103,9 +103,9 @@ def test_compiled_pipeline_takes_eager_steps_and_compiles_once(method):
     assert eager.compile_time_s == 0.0 < compiled.compile_time_s
     want, got = histories_without_timing(eager), histories_without_timing(compiled)
     assert [sorted(m) for m in got] == [sorted(m) for m in want]
-    for key in want[0]:
-        np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=1e-9,
-                                   err_msg=key)
+    for got_metrics, want_metrics in zip(got, want):
+        for key, value in want_metrics.items():
+            np.testing.assert_allclose(got_metrics[key], value, rtol=1e-9, err_msg=key)
     np.testing.assert_allclose(compiled.final_return, eager.final_return, rtol=1e-9)
 
 
