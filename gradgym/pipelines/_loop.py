@@ -85,6 +85,7 @@ class _Pending:
     iteration: int
     rows: Any  # what optimizer.step returned
     before: Any  # the pack's parameters before the step (or None when not needed)
+    scored: bool  # whether the metrics of this iteration compete for the best parameters
     eval_returns: Optional[list[float]]
 
 
@@ -147,7 +148,7 @@ class _Pack:
             self.excluded += time.perf_counter() - began
 
         rows = optimizer.step(inputs)
-        self.pending.append(_Pending(iteration, rows, before if scored else None, eval_returns))
+        self.pending.append(_Pending(iteration, rows, before, scored, eval_returns))
         if (
             len(self.pending) >= self.batch
             or time.perf_counter() - self.window_began >= REPORT_INTERVAL_S
@@ -175,7 +176,8 @@ class _Pack:
                 metrics["env_steps"] = float(spec.steps_per_iter * (pending.iteration + 1))
                 if pending.eval_returns is not None:
                     metrics[EVAL_METRIC] = pending.eval_returns[member.index]
-                member.record(optimizer, pending.iteration, metrics, pending.before, after)
+                before = pending.before if pending.scored else None
+                member.record(optimizer, pending.iteration, metrics, before, after)
         self.pending.clear()
         self.window_began, self.excluded = time.perf_counter(), 0.0
 
