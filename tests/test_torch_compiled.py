@@ -8,6 +8,7 @@ cache folder in a new process. jax's metrics arrive in batches without changing 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import subprocess
 import sys
@@ -15,18 +16,15 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
+import torch._dynamo
+from conftest import REPO_ROOT
+from torch._dynamo.utils import counters
 
-torch = pytest.importorskip("torch")
-import torch._dynamo  # noqa: E402
-from torch._dynamo.utils import counters  # noqa: E402
-
-import gradgym  # noqa: E402
-from gradgym.pipelines import PolicyConfig, TrajectoryConfig, _jax, policy, trajectory  # noqa: E402
-from gradgym.pipelines._rollout import initial_carry, rollout_returns, start_states, transition  # noqa: E402
-from gradgym.pipelines._torch import CompiledChunks  # noqa: E402
-from gradgym.pipelines import _torch  # noqa: E402
-
-from conftest import REPO_ROOT  # noqa: E402
+import gradgym
+from gradgym.pipelines import PolicyConfig, TrajectoryConfig, _jax, _torch, policy, trajectory
+from gradgym.pipelines._rollout import initial_carry, rollout_returns, start_states, transition
+from gradgym.pipelines._torch import CompiledChunks
 
 CLASSIC = ("CartPole", "Pendulum", "MountainCar", "Reacher", "Swimmer")
 TIMING = {"iter_time_s", "env_steps_per_s", "compile_time_s"}
@@ -52,7 +50,7 @@ def test_compiled_chunks_give_eager_returns_and_gradients(env_name, tmp_path):
     weights = [
         (torch.randn(a, b, generator=generator, dtype=torch.float64).requires_grad_(True),
          torch.randn(b, generator=generator, dtype=torch.float64).requires_grad_(True))
-        for a, b in zip(sizes[:-1], sizes[1:])
+        for a, b in itertools.pairwise(sizes)
     ]
     start = start_states(env, 0, 3)
     step = functools.partial(transition, env, mlp_act)

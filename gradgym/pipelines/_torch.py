@@ -16,7 +16,6 @@ the step is skipped on the host when the gradient has a non-finite entry.
 
 from __future__ import annotations
 
-import functools
 import time
 import types
 from typing import Any, Callable, Optional
