@@ -1,32 +1,42 @@
 """Time per iteration of gradgym's gradient pipelines next to hand-written references, in one run.
 
-For CartPole it times, on jax and on torch (one thread):
+For CartPole, Pendulum and Reacher it times, on jax, torch eager and torch compiled (one
+thread):
 
 - trajectory optimization (B = 32 start states, T = 100, Adam lr 0.1) and policy optimization
-  (MLP 5 -> 64 -> 64 -> 1, B = 64 fresh start states per iteration, T = 100, Adam lr 1e-3,
+  (MLP obs -> 64 -> 64 -> act, B = 64 fresh start states per iteration, T = 100, Adam lr 1e-3,
   clipping by global norm 1) through ``gradgym.pipelines``, as users run them: the time per
-  iteration is the wall time between two iteration reports (everything the loop does);
+  iteration is the median of the loop's ``iter_time_s`` (the wall time of the loop between
+  two batches of reports over the iterations in the batch, evaluations and the report
+  callbacks left out; jax's metrics arrive in batches);
+- torch compiled (``pipeline.torch_compile=true``, chunks of ``torch_compile_chunk`` steps)
+  in fresh processes: cold (an empty compile cache folder) and warm (a second process on
+  the same folder), each with its compile time;
 - a hand-written reference of the same update on the same backend: the dynamics written
   out directly (``cartpole_ref`` of benchmarks/env_throughput.py), jax ``jit(value_and_grad)``
   of a ``lax.scan`` plus an optax update / a torch eager loop with ``torch.optim``;
 - the original Ivy Gym stack: the same 100-step trajectory loss written with ivy functions
   (``ivy.set_backend('torch')``, ``ivy.execute_with_gradients``), one gradient per repeat.
 
-Each figure is the median over ``--iters`` iterations after the first (which absorbs
-compilation on jax), best of ``--rounds`` alternating rounds of pipeline and reference;
+The hand-written references exist for CartPole. Each jax figure is the median over
+``--iters`` iterations, best of ``--rounds`` alternating rounds of pipeline and reference;
 compile time is reported on its own (that of the fastest round).
 
     python benchmarks/pipeline_speed.py
     python benchmarks/pipeline_speed.py --rounds 2 --ivy-repeats 0   # quicker, no ivy
+    python benchmarks/pipeline_speed.py --envs CartPole --chunk 20   # one env, other chunks
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -37,37 +47,55 @@ from env_throughput import cartpole_ref  # the hand-written CartPole dynamics, p
 import gradgym
 from gradgym.pipelines import PolicyConfig, TrajectoryConfig, policy, trajectory
 
-ENV = "CartPole"
+ENV = "CartPole"  # the env of the hand-written references
+ENVS = ("CartPole", "Pendulum", "Reacher")
 TRAJECTORY = dict(batch=32, horizon=100, lr=0.1)
 POLICY = dict(batch=64, horizon=100, lr=1e-3, grad_clip=1.0, hidden=[64, 64])
+METHODS = ("trajectory", "policy")
 
 
 # ----------------------------------------------------------------------- gradgym pipelines
 
 
-def pipeline_times(module: Any, cfg: Any, backend: str) -> tuple[float, float]:
-    """(median seconds per iteration between reports, compile seconds) of a pipeline run."""
-    stamps: list[float] = []
+def pipeline_times(method: str, env_name: str, backend: str, iters: int,
+                   **compile_fields: Any) -> tuple[float, float]:
+    """(median ``iter_time_s`` of the run, compile seconds) of ``iters`` iterations."""
+    module, cfg = {
+        "trajectory": (trajectory, TrajectoryConfig(**TRAJECTORY)),
+        "policy": (policy, PolicyConfig(**POLICY, eval_every=iters + 1, eval_batch=POLICY["batch"])),
+    }[method]
+    for name, value in dict(iters=iters + 1, render=False, grad_hist_every=0, **compile_fields).items():
+        setattr(cfg, name, value)
+    result = module.optimize(gradgym.make(env_name, backend=backend), cfg, seed=0)
+    times = [m["iter_time_s"] for m in result.history[1:]]  # the first may warm up caches
+    return float(np.median(times)), result.compile_time_s
 
-    def report(metrics: dict, step: int, artifacts: Any = None) -> None:
-        if "return_mean" in metrics:
-            stamps.append(time.perf_counter())
 
-    result = module.optimize(gradgym.make(ENV, backend=backend), cfg, seed=0, report=report)
-    gaps = np.diff(stamps)
-    return float(np.median(gaps)), result.compile_time_s
+def run_pipelines(env_name: str, backend: str, iters: int) -> dict[str, tuple[float, float]]:
+    return {method: pipeline_times(method, env_name, backend, iters) for method in METHODS}
 
 
-def run_pipelines(backend: str, iters: int) -> dict[str, tuple[float, float]]:
-    common = dict(iters=iters + 1, render=False, grad_hist_every=0)
-    return {
-        "trajectory": pipeline_times(trajectory, TrajectoryConfig(**TRAJECTORY, **common), backend),
-        "policy": pipeline_times(
-            policy,
-            PolicyConfig(**POLICY, eval_every=iters + 1, eval_batch=POLICY["batch"], **common),
-            backend,
-        ),
-    }
+def compiled_torch_in_fresh_process(method: str, env_name: str, cache: str, iters: int,
+                                    chunk: int) -> tuple[float, float]:
+    """(seconds per iteration, compile seconds) of torch compiled in a new process whose
+    compile cache folder is ``cache``."""
+    command = [sys.executable, __file__, "--child", method, env_name, cache, str(iters), str(chunk)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    seconds, compile_s = json.loads(out.stdout.strip().splitlines()[-1])
+    return seconds, compile_s
+
+
+def child(method: str, env_name: str, cache: str, iters: str, chunk: str) -> None:
+    """The body of :func:`compiled_torch_in_fresh_process`: prints its two figures."""
+    import torch
+
+    from gradgym.pipelines.compile_cache import enable_compile_cache
+
+    torch.set_num_threads(1)
+    enable_compile_cache(cache)
+    figures = pipeline_times(method, env_name, "torch", int(iters), torch_compile=True,
+                             torch_compile_chunk=int(chunk))
+    print(json.dumps(figures))
 
 
 def median_time(update: Callable[[int], None], iters: int) -> float:
@@ -296,11 +324,17 @@ def _in_temporary_directory():
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(*sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=100, help="timed iterations per figure")
     parser.add_argument(
-        "--rounds", type=int, default=5, help="alternating rounds; best median wins"
+        "--rounds", type=int, default=3, help="alternating rounds; best median wins"
     )
+    parser.add_argument("--eager-iters", type=int, default=10, help="torch eager iterations")
+    parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=ENVS)
+    parser.add_argument("--chunk", type=int, default=10, help="torch_compile_chunk")
     parser.add_argument(
         "--ivy-repeats", type=int, default=1, help="ivy gradients to time (0: skip)"
     )
@@ -310,56 +344,83 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    load = os.getloadavg()
     print(
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch "
-        f"{torch.__version__} (1 thread), jax {jax.__version__}; {ENV}; "
-        f"median of {args.iters} iterations, best of {args.rounds} rounds\n"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; torch {torch.__version__} (1 thread), "
+        f"jax {jax.__version__}; median of {args.iters} iterations ({args.eager_iters} for "
+        f"torch eager), best of {args.rounds} rounds; torch compiled: chunks of {args.chunk}\n"
     )
 
-    # Pipeline and reference alternate, and each figure is the best of --rounds medians, so
-    # that load from other processes hits both sides alike.
-    rows = []
-    for backend, references in (("jax", jax_references), ("torch", torch_references)):
-        ours: dict[str, list] = {"trajectory": [], "policy": []}
-        theirs: dict[str, list] = {"trajectory": [], "policy": []}
+    # jax pipeline and reference alternate, and each figure is the best of --rounds medians,
+    # so that load from other processes hits both sides alike.
+    ours: dict[tuple, tuple[float, float]] = {}  # (env, method, path) -> (s/iter, compile s)
+    refs: dict[tuple, tuple[float, float]] = {}  # (method, backend) -> (s/iter, compile s)
+    warm: dict[tuple, float] = {}  # (env, method) -> warm compile s
+    for env_name in args.envs:
+        rounds: dict[str, list] = {method: [] for method in METHODS}
         for _ in range(args.rounds):
-            for method, times in run_pipelines(backend, args.iters).items():
-                ours[method].append(times)
-            for method, times in references(args.iters).items():
-                theirs[method].append(times)
-        for method in ("trajectory", "policy"):
-            rows.append((method, backend, *min(ours[method]), *min(theirs[method])))
-
-    header = (
-        f"{'pipeline':<11}{'backend':<8}{'gradgym ms/iter':>16}{'reference ms/iter':>19}"
-        f"{'ratio':>8}{'gradgym compile s':>19}{'reference compile s':>21}"
-    )
-    print(header)
-    print("-" * len(header))
-    for method, backend, ours_s, ours_compile, ref_s, ref_compile in rows:
-        print(
-            f"{method:<11}{backend:<8}{ours_s * 1e3:>16.2f}{ref_s * 1e3:>19.2f}"
-            f"{ours_s / ref_s:>7.2f}x{ours_compile:>19.2f}{ref_compile:>21.2f}"
-        )
+            for method, times in run_pipelines(env_name, "jax", args.iters).items():
+                rounds[method].append(times)
+            if env_name == ENV:
+                for backend, references in (("jax", jax_references), ("torch", torch_references)):
+                    for method, times in references(args.iters).items():
+                        refs[method, backend] = min(refs.get((method, backend), times), times)
+        for method in METHODS:
+            ours[env_name, method, "jax"] = min(rounds[method])
+            ours[env_name, method, "torch eager"] = pipeline_times(
+                method, env_name, "torch", args.eager_iters
+            )
+            with tempfile.TemporaryDirectory() as cache:
+                ours[env_name, method, "torch compiled"] = compiled_torch_in_fresh_process(
+                    method, env_name, cache, args.iters, args.chunk
+                )
+                warm[env_name, method] = compiled_torch_in_fresh_process(
+                    method, env_name, cache, args.iters, args.chunk
+                )[1]
+    print_table(args.envs, ours, refs, warm)
     print(
-        "\ntrajectory: B = 32, T = 100; policy: B = 64, T = 100 (ratio = gradgym / reference; "
-        "target <= 1.25x)"
+        "\ntrajectory: B = 32, T = 100; policy: B = 64, T = 100. vs jax = time / gradgym jax "
+        "(target for torch compiled <= 3x); vs ref = time / the hand-written reference on the "
+        "same backend (CartPole; target for jax <= 1.25x). compile s: cold (empty cache "
+        "folder, target <= 30 s) / warm (a new process on the same folder, target <= 5 s)."
     )
 
-    if args.ivy_repeats > 0:
+    if args.ivy_repeats > 0 and ENV in args.envs:
         ivy_s = ivy_gradient_time(args.ivy_repeats)
-        by_backend = {
-            backend: ours_s for method, backend, ours_s, *_ in rows if method == "trajectory"
-        }
         print(
             f"\nIvy Gym stack (ivy {_ivy_version()}, torch backend), trajectory loss + gradient "
             f"B = 32, T = 100: {ivy_s:.2f} s per gradient"
         )
-        for backend, seconds in by_backend.items():
+        for path in ("jax", "torch eager", "torch compiled"):
+            seconds = ours[ENV, "trajectory", path][0]
             print(
-                f"  gradgym {backend:<5} trajectory iteration {seconds * 1e3:8.2f} ms: "
+                f"  gradgym {path:<14} trajectory iteration {seconds * 1e3:8.2f} ms: "
                 f"{ivy_s / seconds:8.0f}x faster"
             )
+
+
+def print_table(envs: list[str], ours: dict, refs: dict, warm: dict) -> None:
+    header = (
+        f"{'env':<10}{'pipeline':<11}{'path':<16}{'ms/iter':>9}{'vs jax':>8}{'ref ms':>8}"
+        f"{'vs ref':>8}{'compile s':>11}{'warm s':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for env_name in envs:
+        for method in METHODS:
+            jax_s = ours[env_name, method, "jax"][0]
+            for path in ("jax", "torch eager", "torch compiled"):
+                seconds, compile_s = ours[env_name, method, path]
+                ref = refs.get((method, path.split()[0])) if env_name == ENV else None
+                ref_cols = (
+                    f"{ref[0] * 1e3:>8.2f}{seconds / ref[0]:>7.2f}x" if ref else f"{'':>8}{'':>8}"
+                )
+                warm_col = f"{warm[env_name, method]:>8.2f}" if path == "torch compiled" else ""
+                print(
+                    f"{env_name:<10}{method:<11}{path:<16}{seconds * 1e3:>9.2f}"
+                    f"{seconds / jax_s:>7.2f}x{ref_cols}{compile_s:>11.2f}{warm_col}"
+                )
 
 
 def _ivy_version() -> str:

@@ -1,8 +1,14 @@
 """torch side of the pipelines: autograd through a Python-loop rollout, torch.optim.
 
-With ``cfg.torch_compile`` the per-step function (policy + env step) is compiled with
-``torch.compile``; the rollout loop and autograd stay in Python. Compiling the whole
-100-step rollout instead takes minutes.
+With ``cfg.torch_compile`` the rollout runs in *chunks*: ``torch_compile_chunk`` env steps
+(policy + env step, unrolled) are one ``torch.compile``d function, called ``T / chunk``
+times per rollout, with autograd between chunks. One compiled step per call pays
+torch.compile's per-call overhead (guards, AOT autograd wrappers) 2T times per iteration;
+the whole 100-step rollout in one graph runs fastest but takes minutes to compile; a
+chunk of 10 sits between (measurements in benchmarks/pipeline_speed.py and the README).
+Every call of a chunk sees the same shapes, dtypes and ``requires_grad`` flags, so it is
+compiled once (training and evaluation share the graph: evaluation runs with autograd on
+and drops the graph).
 
 The metrics of an iteration come to the host in one transfer before the optimizer step;
 the step is skipped on the host when the gradient has a non-finite entry.
@@ -10,8 +16,8 @@ the step is skipped on the host when the gradient has a non-finite entry.
 
 from __future__ import annotations
 
-import functools
 import time
+import types
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -31,7 +37,6 @@ from gradgym.pipelines.config import ADAMW_WEIGHT_DECAY
 
 xp = torch
 no_grad = torch.no_grad
-scan = functools.partial(loop_scan, torch.stack)
 
 LossFn = Callable[[Any, Any], tuple[Any, Any]]  # (params, inputs) -> (loss, returns [B])
 
@@ -42,8 +47,79 @@ def stop_gradient(tree: Any) -> Any:
 
 
 def compile_step(step: Callable, cfg: Any) -> Callable:
-    """``torch.compile`` of the per-step function when ``cfg.torch_compile``, else as is."""
-    return torch.compile(step, dynamic=False) if cfg.torch_compile else step
+    """``step`` whose rollouts run in compiled chunks when ``cfg.torch_compile``, else as is."""
+    return CompiledChunks(step, cfg.torch_compile_chunk) if cfg.torch_compile else step
+
+
+def scan(step: Callable, params: Any, carry: Any, xs: Any, length: int) -> tuple[Any, Any]:
+    """``lax.scan`` semantics: a Python loop of ``step``, or of its compiled chunks."""
+    if isinstance(step, CompiledChunks):
+        return step.scan(params, carry, xs, length)
+    return loop_scan(torch.stack, step, params, carry, xs, length)
+
+
+class CompiledChunks:
+    """A per-step function whose rollouts call ``torch.compile``d chunks of ``chunk`` steps.
+
+    A rollout (or window) of ``length`` steps uses the largest divisor of ``length`` that is
+    at most ``chunk``, so every call of a chunk has the same shapes (one compilation);
+    a prime horizon falls back to chunks of one step. Called directly, it is the plain step.
+    """
+
+    def __init__(self, step: Callable, chunk: int):
+        self.step, self.chunk = step, int(chunk)
+        self._compiled: dict[int, Callable] = {}
+
+    def __call__(self, params: Any, carry: Any, x: Any) -> tuple[Any, Any]:
+        return self.step(params, carry, x)
+
+    def chunk_length(self, length: int) -> int:
+        """Steps per compiled call for a rollout of ``length`` steps."""
+        return max(k for k in range(1, min(self.chunk, length) + 1) if length % k == 0)
+
+    def compiled(self, length: int) -> Callable:
+        """The compiled function of ``length`` unrolled steps (compiled on first call)."""
+        if length not in self._compiled:
+            self._compiled[length] = torch.compile(
+                _unrolled(self.step, length), dynamic=False, fullgraph=False
+            )
+        return self._compiled[length]
+
+    def scan(self, params: Any, carry: Any, xs: Any, length: int) -> tuple[Any, Any]:
+        """``length`` steps from ``carry``: per-step outputs stacked on axis 0."""
+        size = self.chunk_length(length)
+        run = self.compiled(size)
+        outputs = []
+        for begin in range(0, length, size):
+            if torch.is_grad_enabled():  # the same requires_grad flags on every call
+                carry = tree_map(_requiring_grad, carry)
+            carry, output = run(params, carry, None if xs is None else xs[begin : begin + size])
+            outputs.append(output)
+        return carry, tuple(torch.cat(list(column)) for column in zip(*outputs))
+
+
+def _unrolled(step: Callable, length: int) -> Callable:
+    """``length`` steps of ``step`` as one function with a code object of its own.
+
+    dynamo keeps compiled graphs and counts recompilations per code object: a fresh one
+    per pipeline keeps runs in one process (tests, packed trials) from failing each
+    other's guards and from using up torch's recompile limit, which falls back to eager.
+    """
+
+    def chunk(params: Any, carry: Any, xs: Any) -> tuple[Any, Any]:
+        return loop_scan(torch.stack, step, params, carry, xs, length)
+
+    return types.FunctionType(
+        chunk.__code__.replace(), chunk.__globals__, f"chunk_of_{length}", None, chunk.__closure__
+    )
+
+
+def _requiring_grad(leaf: torch.Tensor) -> torch.Tensor:
+    """A float leaf that does not require grad (a start state) as one that does: its
+    unused gradient costs nothing and the compiled chunk sees one set of flags."""
+    if leaf.requires_grad or not leaf.is_floating_point():
+        return leaf
+    return leaf.detach().requires_grad_(True)
 
 
 def make_optimizer(params: list[torch.Tensor], cfg: Any):
@@ -130,10 +206,8 @@ class Trainer:
         scratch = tree_map(lambda p: p.requires_grad_(True), self.params)
         losses, _ = self._loss_fn(scratch, inputs)
         losses.sum().backward()
-        for batch in (inputs, eval_inputs):
-            if batch is not None:
-                with torch.no_grad():
-                    self._loss_fn(scratch, batch)
+        if eval_inputs is not None:
+            self._loss_fn(scratch, eval_inputs)  # evaluations run with autograd on, too
         return time.perf_counter() - began
 
     def step(self, inputs: Any) -> list[list[float]]:
@@ -177,7 +251,13 @@ class Trainer:
     member = staticmethod(member_of)
 
     def returns(self, inputs: Any) -> np.ndarray:
-        """The returns ``[M, B]`` of the current parameters from ``inputs``, on the host."""
+        """The returns ``[M, B]`` of the current parameters from ``inputs``, on the host.
+
+        Compiled, it runs with autograd on (the graph is dropped): the training graph
+        serves, where ``no_grad`` would compile another one.
+        """
+        if self._compiled:
+            return self._loss_fn(self._stacked(), inputs)[1].detach().numpy()
         with torch.no_grad():
             return self._loss_fn(self.params, inputs)[1].numpy()
 

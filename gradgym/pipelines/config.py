@@ -47,6 +47,7 @@ class _GradientCommon(_Common):
         _check(self, "optimizer", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
         _check(self, "grad_clip", lambda v: _number(v) and v >= 0, "a number >= 0 (0 disables)")
         _check(self, "grad_hist_every", _non_negative_int, "an int >= 0 (0 disables)")
+        _check(self, "torch_compile_chunk", _positive_int, "an int >= 1 (env steps per chunk)")
 
 
 @dataclass
@@ -68,7 +69,8 @@ class TrajectoryConfig(_GradientCommon):
     init_scale: float = 2.0
     grad_hist_every: int = 50  # report raw gradients for a histogram; 0 disables
     render: bool = True  # report frames of the initial and best trajectory
-    torch_compile: bool = False
+    torch_compile: bool = False  # torch: compile chunks of the rollout (see _torch.py)
+    torch_compile_chunk: int = 10  # env steps per compiled chunk (a divisor of the horizon)
 
     def validate(self) -> None:
         super().validate()
@@ -93,7 +95,8 @@ class PolicyConfig(_GradientCommon):
     eval_batch: int = 64
     grad_hist_every: int = 200
     render: bool = True
-    torch_compile: bool = False
+    torch_compile: bool = False  # torch: compile chunks of the rollout (see _torch.py)
+    torch_compile_chunk: int = 10  # env steps per compiled chunk (a divisor of the horizon)
 
     def validate(self) -> None:
         super().validate()

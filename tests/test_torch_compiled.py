@@ -1,0 +1,182 @@
+"""The compiled torch path (rollouts in compiled chunks) and jax's batched metrics.
+
+Compiled chunks must give eager's returns and gradients, compile once per pipeline (a
+graph break or a recompilation in the step path fails here), and load from the compile
+cache folder in a new process. jax's metrics arrive in batches without changing a value.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo
+from conftest import REPO_ROOT
+from torch._dynamo.utils import counters
+
+import gradgym
+from gradgym.pipelines import PolicyConfig, TrajectoryConfig, _jax, _torch, policy, trajectory
+from gradgym.pipelines._rollout import initial_carry, rollout_returns, start_states, transition
+from gradgym.pipelines._torch import CompiledChunks
+
+CLASSIC = ("CartPole", "Pendulum", "MountainCar", "Reacher", "Swimmer")
+TIMING = {"iter_time_s", "env_steps_per_s", "compile_time_s"}
+
+
+def mlp_returns(env, step, weights, start, horizon):
+    """Returns ``[B]`` of an MLP policy: exercises observations, actions and dynamics."""
+    return rollout_returns(_torch, step, weights, initial_carry(env, start), None, horizon)
+
+
+def mlp_act(params, obs, unused):
+    hidden = obs
+    for weight, bias in params:
+        hidden = torch.tanh(hidden @ weight + bias)
+    return hidden
+
+
+@pytest.mark.parametrize("env_name", CLASSIC)
+def test_compiled_chunks_give_eager_returns_and_gradients(env_name, tmp_path):
+    env = gradgym.make(env_name, backend="torch", dtype="float64")
+    generator = torch.Generator().manual_seed(0)
+    sizes = [env.spec.obs_dim, 8, env.spec.act_dim]
+    weights = [
+        (torch.randn(a, b, generator=generator, dtype=torch.float64).requires_grad_(True),
+         torch.randn(b, generator=generator, dtype=torch.float64).requires_grad_(True))
+        for a, b in itertools.pairwise(sizes)
+    ]
+    start = start_states(env, 0, 3)
+    step = functools.partial(transition, env, mlp_act)
+    leaves = [leaf for layer in weights for leaf in layer]
+
+    eager = mlp_returns(env, step, weights, start, horizon=6)
+    eager_grads = torch.autograd.grad(eager.sum(), leaves)
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled_step = CompiledChunks(step, chunk=3)
+        compiled = mlp_returns(env, compiled_step, weights, start, horizon=6)
+        compiled_grads = torch.autograd.grad(compiled.sum(), leaves)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert eager.abs().sum() > 0 and all(g.abs().sum() > 0 for g in eager_grads)
+    torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-12)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_chunk_length_divides_the_rollout():
+    chunks = CompiledChunks(lambda *args: None, chunk=10)
+    assert [chunks.chunk_length(n) for n in (100, 30, 7, 97, 4)] == [10, 10, 7, 1, 4]
+    assert CompiledChunks(lambda *args: None, chunk=20).chunk_length(30) == 15
+
+
+def histories_without_timing(result):
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in result.history]
+
+
+@pytest.mark.parametrize("method", ["trajectory", "policy"])
+def test_compiled_pipeline_takes_eager_steps_and_compiles_once(method):
+    env = gradgym.make("Pendulum", backend="torch", dtype="float64")
+    if method == "trajectory":
+        module = trajectory
+        cfg = TrajectoryConfig(iters=4, horizon=8, batch=3, render=False, grad_hist_every=0,
+                               torch_compile_chunk=4)
+    else:
+        module = policy
+        cfg = PolicyConfig(iters=4, horizon=8, batch=3, hidden=[8], eval_every=2, eval_batch=3,
+                           render=False, grad_hist_every=0, torch_compile_chunk=4)
+    eager = module.optimize(env, cfg, seed=0)
+    counters.clear()
+    # one compilation serves training, evaluation and the final returns: no recompilation
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = module.optimize(env, replace(cfg, torch_compile=True), seed=0)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    assert eager.compile_time_s == 0.0 < compiled.compile_time_s
+    want, got = histories_without_timing(eager), histories_without_timing(compiled)
+    assert [sorted(m) for m in got] == [sorted(m) for m in want]
+    for got_metrics, want_metrics in zip(got, want):
+        for key, value in want_metrics.items():
+            np.testing.assert_allclose(got_metrics[key], value, rtol=1e-9, err_msg=key)
+    np.testing.assert_allclose(compiled.final_return, eager.final_return, rtol=1e-9)
+
+
+COMPILE_IN_A_NEW_PROCESS = """
+import json, sys
+import torch
+from gradgym.pipelines.compile_cache import enable_compile_cache
+torch.set_num_threads(1)
+enable_compile_cache(sys.argv[1])
+import gradgym
+from gradgym.pipelines import TrajectoryConfig, trajectory
+cfg = TrajectoryConfig(iters=2, horizon=8, batch=4, render=False, grad_hist_every=0,
+                       torch_compile=True, torch_compile_chunk=4)
+result = trajectory.optimize(gradgym.make("CartPole", backend="torch"), cfg, seed=0)
+print(json.dumps({"compile_time_s": result.compile_time_s, "final": result.final_return}))
+"""
+
+
+@pytest.mark.slow
+def test_a_warm_cache_compiles_far_faster_in_a_new_process(tmp_path):
+    def run() -> dict:
+        out = subprocess.run(
+            [sys.executable, "-c", COMPILE_IN_A_NEW_PROCESS, str(tmp_path / "cache")],
+            check=False, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    cold = run()
+    assert any((tmp_path / "cache" / "torchinductor").iterdir())
+    warm = run()
+    print(f"\ntorch compiled chunks: cold {cold['compile_time_s']:.1f}s, "
+          f"warm {warm['compile_time_s']:.1f}s")
+    assert warm["final"] == cold["final"]
+    assert warm["compile_time_s"] < 0.5 * cold["compile_time_s"], (cold, warm)
+
+
+# ---------------------------------------------------------------------- jax: batched metrics
+
+
+def reported(module, env, cfg):
+    calls = []
+
+    def report(metrics, step, artifacts=None):
+        calls.append((step, {k: v for k, v in metrics.items() if k not in TIMING},
+                      sorted(artifacts or {}), (artifacts or {}).get("gradients")))
+
+    result = module.optimize(env, cfg, seed=0, report=report)
+    return calls, result
+
+
+@pytest.mark.parametrize("method", ["trajectory", "policy"])
+def test_jax_metrics_in_batches_are_those_of_one_iteration_at_a_time(method, monkeypatch):
+    env = gradgym.make("Pendulum", backend="jax")
+    if method == "trajectory":
+        module, cfg = trajectory, TrajectoryConfig(iters=12, horizon=6, batch=3, render=False,
+                                                   grad_hist_every=5)
+    else:
+        module, cfg = policy, PolicyConfig(iters=12, horizon=6, batch=3, hidden=[8],
+                                           eval_every=4, eval_batch=3, render=False,
+                                           grad_hist_every=5)
+    batched, batched_result = reported(module, env, cfg)
+    monkeypatch.setattr(_jax.Trainer, "report_batch", 1)
+    single, single_result = reported(module, env, cfg)
+    assert [c[0] for c in batched] == list(range(cfg.iters)) + [cfg.iters]
+    assert [c[:3] for c in batched] == [c[:3] for c in single]
+    for b, s in zip(batched, single):  # the gradient histograms are those of their iteration
+        if s[3] is not None:
+            np.testing.assert_array_equal(b[3], s[3])
+    assert sum(s[3] is not None for s in single) == 3  # iterations 0, 5, 10
+    assert batched_result.best_return == single_result.best_return
+    np.testing.assert_array_equal(np.asarray(batched_result.best_params if method ==
+                                             "trajectory" else batched_result.best_params[0][0]),
+                                  np.asarray(single_result.best_params if method ==
+                                             "trajectory" else single_result.best_params[0][0]))
+    assert all(m["iter_time_s"] > 0 for m in batched_result.history)
