@@ -140,6 +140,8 @@ class _Member:
         self.best_score, self.best_params = -math.inf, None
         self.history: list[dict[str, float]] = []
         self.initial_video: Optional[list[np.ndarray]] = None
+        # Only a reporter that asks (a followed run's) gets the best parameters so far.
+        self.wants_best_params = getattr(report, "wants_best_params", lambda: False)
         self.outcome: Optional[MemberOutcome] = None
 
     @property
@@ -168,6 +170,8 @@ class _Member:
             artifacts["video_initial"] = self.initial_video
         if self.grad_hist_every and iteration % self.grad_hist_every == 0:
             artifacts["gradients"] = optimizer.gradients(self.index)
+        if self.best_params is not None and self.wants_best_params():
+            artifacts["best_params"] = self.best_params
         self.report.iteration(metrics, iteration, artifacts or None)
         self.history.append(metrics)
         self.stop_if_not_finite(optimizer, iteration, metrics)

@@ -44,6 +44,8 @@ class PipelineSpec:
         packable_fields: the config fields that may differ inside a pack: per-member
             hyperparameters and what only decides what a member reports. Every other field
             shapes the shared computation and must be equal.
+        replay: ``replay(params) -> base.Replay``: a result's parameters as what
+            ``gradgym view`` replays (``None``: the pipeline saves no replay).
     """
 
     name: str
@@ -57,6 +59,7 @@ class PipelineSpec:
     summary: str = ""
     optimize_pack: Optional[Callable[..., list[Any]]] = None
     packable_fields: tuple[str, ...] = ()
+    replay: Optional[Callable[[Any], Any]] = None
 
     @property
     def iteration_metrics(self) -> tuple[str, ...]:

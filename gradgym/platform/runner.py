@@ -20,6 +20,7 @@ from gradgym.pipelines import get_pipeline
 from gradgym.platform.config import flat_params
 from gradgym.platform.faults import faults_for
 from gradgym.platform.records import VIDEO_KEYS, RunRecord
+from gradgym.platform.replays import ReplayRecorder, view_command
 from gradgym.platform.reports import gradient_histogram
 from gradgym.platform.tracking import (
     RunIdentity,
@@ -48,6 +49,8 @@ def run_tags(cfg: DictConfig, sweep: str | None = None) -> dict[str, str]:
     tags = {"backend": cfg.backend, "env": cfg.env, "pipeline": cfg.pipeline.name, "seed": str(cfg.seed)}
     if sweep:
         tags["sweep"] = sweep
+    if cfg.get("run_dir"):
+        tags["gradgym.view"] = view_command(cfg.run_dir)  # how to watch it in the browser
     return tags
 
 
@@ -105,6 +108,8 @@ def execute_run(cfg: DictConfig, *, resume: bool = False, parent_run_id: str | N
         raise
     finally:
         recorder.close()
+    for path in recorder.replays.save_final(result.best_params, result.iterations):
+        tracker.log_artifact(path)
     tracker.log_artifact(record.metrics_path)
     tracker.log_final(recorder.final_metrics, recorder.final_step)
     tracker.drain()  # every iteration delivered; the tracker's run id is known
@@ -175,6 +180,11 @@ class _Recorder:
         self.returns: list[float] = []
         self._faults = faults_for(cfg)
         self._bar = _progress_bar(cfg)
+        self.replays = ReplayRecorder(cfg, record, get_pipeline(cfg.pipeline.name).replay)
+
+    def wants_best_params(self) -> bool:
+        """Whether the pipeline should pass its best parameters so far (a viewer follows)."""
+        return self.replays.wants_best_params()
 
     def iteration(self, metrics: Mapping[str, float], step: int,
                   artifacts: Mapping[str, Any] | None = None) -> None:
@@ -206,6 +216,8 @@ class _Recorder:
             frames = artifacts.get(key)
             if frames:
                 self.tracker.log_artifact(write_gif(self.record.video_path(key), frames, fps=20))
+        if artifacts.get("best_params") is not None:
+            self.replays.save_live(artifacts["best_params"], step)
         gradients = artifacts.get("gradients")
         if gradients is not None:
             path = gradient_histogram(gradients, step, self.record.gradient_path(step))
