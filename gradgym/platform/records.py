@@ -139,6 +139,18 @@ class RunRecord:
         """The logged iterations (``[]`` when there are none)."""
         return read_jsonl(self.metrics_path) if self.metrics_path.is_file() else []
 
+    def read_metrics_from(self, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """The iterations logged after byte ``offset`` of ``metrics.jsonl`` (complete lines
+        only) and the offset to read from next time: for followers polling a running run."""
+        try:
+            with self.metrics_path.open("rb") as file:
+                file.seek(offset)
+                chunk = file.read()
+        except OSError:
+            return [], offset
+        complete = chunk[:chunk.rfind(b"\n") + 1]
+        return _parse_jsonl(complete.decode()), offset + len(complete)
+
     def read_tracking_state(self) -> dict[str, Any]:
         return read_json(self.tracking_path)
 
