@@ -22,7 +22,7 @@ CHECK_EVERY_S = 1.0  # how often the follow marker is looked at, and live replay
 
 def view_command(run_dir: str | Path) -> str:
     """The shell command that opens a run folder in the viewer."""
-    return f"gradgym view {run_dir}"
+    return f"gradgym view {Path(run_dir).resolve()}"
 
 
 def replay_meta(cfg: DictConfig, kind: str, iteration: int, live: bool) -> dict[str, Any]:
