@@ -291,7 +291,11 @@ def test_bad_input_gets_a_clear_error_and_exit_2(tmp_path, capsys):
         busy.listen()
         port = busy.getsockname()[1]
         assert main(["view", "Pendulum", "--port", str(port)]) == 2
-    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+        assert main(["view", "Pendulum", "--host", "0.0.0.0", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert "warning: the viewer will listen on 0.0.0.0, reachable from other machines" in err
+    assert f"cannot listen on 0.0.0.0:{port}" in err
 
 
 # ---------------------------------------------------------------------- the run side

@@ -141,6 +141,8 @@ class Viewer:
         finally:
             receiver.cancel()
             self.tabs.pop(tab, None)
+            with contextlib.suppress(RuntimeError):  # the pool is already shut down
+                await loop.run_in_executor(self.render_pool, session.close)
 
     async def _receive(self, tab: WebSocket, session: Session, wake: asyncio.Event) -> None:
         try:

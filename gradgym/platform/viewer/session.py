@@ -120,6 +120,11 @@ class Session:
         self._needs_frame = False
         return frame_message(self._header(), self._encode(self._tiles()))
 
+    def close(self) -> None:
+        """Drop the env and its renderer; call from the render thread (a MuJoCo renderer
+        frees its GL context in the thread that made it)."""
+        self._env = self._state = None
+
     def _apply(self, message: dict[str, Any]) -> bool:
         name = message["cmd"]
         if name == "step":
@@ -131,7 +136,7 @@ class Session:
             self.grid = int(message["value"])
         elif name == "source":
             self.source = message["value"]
-        self._build() if name == "grid" or name == "source" else self._reset()
+        self._reset()
         return True
 
     def _build(self) -> None:
