@@ -31,6 +31,7 @@ from websockets.sync.client import connect
 from gradgym.platform.cli import main
 from gradgym.platform.records import RunRecord
 from gradgym.platform.replays import ReplayRecorder
+from gradgym.platform.viewer.session import parse_frame_message
 
 CHROMIUM = shutil.which("chromium")
 TINY_RUN = ["pipeline=trajectory", "backend=torch", "env=Pendulum", "pipeline.batch=4",
@@ -261,14 +262,20 @@ def test_follows_a_running_run_as_it_improves(browser, start_view, tmp_path):
 # ---------------------------------------------------------------------- process and sockets
 
 @pytest.mark.slow
-def test_listens_on_loopback_only_and_nothing_after_sigterm(start_view):
+def test_serves_several_tabs_on_loopback_only_and_nothing_after_sigterm(start_view):
     server = start_view("CartPole")
     viewer = psutil.Process(server.process.pid)
     listening = [c for c in viewer.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
     assert listening and {c.laddr.ip for c in listening} == {"127.0.0.1"}
-    with connect(f"ws://127.0.0.1:{server.port}/ws", proxy=None) as tab:
+    url = f"ws://127.0.0.1:{server.port}/ws"
+    with connect(url, proxy=None) as tab, connect(url, proxy=None) as other_tab:
+        other_tab.recv(timeout=30)  # hello
+        other_tab.send(json.dumps({"cmd": "reset", "seed": 5}))
         assert json.loads(tab.recv(timeout=30))["type"] == "hello"
-        assert isinstance(tab.recv(timeout=60), bytes)  # a frame
+        seeds = {parse_frame_message(tab.recv(timeout=60))[0]["seed"] for _ in range(3)}
+        other_seeds = {parse_frame_message(m)[0]["seed"]
+                       for m in (other_tab.recv(timeout=60) for _ in range(5))}
+        assert seeds == {0} and 5 in other_seeds  # each tab has its own simulation
         os.kill(server.process.pid, signal.SIGTERM)
         server.process.wait(timeout=20)
     with pytest.raises(ProcessLookupError):  # no process of its group is left
