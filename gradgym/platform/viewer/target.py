@@ -62,6 +62,7 @@ def resolve_target(what: str, overrides: Sequence[str] = (), run: Optional[str] 
         target = _run_target(Path(what))
         return ViewTarget(target.env, target.env_kwargs, target.seed if seed is None else seed, target.run)
 
+    kwargs = _live_render_defaults(what, kwargs)
     _check_env(what, kwargs)
     record = None
     if run is not None:
@@ -91,8 +92,22 @@ def _run_target(folder: Path) -> ViewTarget:
         kwargs = dict(cfg.get("env_kwargs") or {})
     except Exception as err:  # noqa: BLE001 - any unreadable config is the same bad input
         raise ViewerError(f"{str(folder / CONFIG_FILE)!r} is not a readable run config: {err}") from err
+    kwargs = _live_render_defaults(env, kwargs)
     _check_env(env, kwargs)
     return ViewTarget(env, kwargs, seed, record)
+
+
+def _live_render_defaults(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """MuJoCo frames without shadows, reflections and multisampling unless asked for: ~25x
+    cheaper on a software GL renderer, the difference between a few and 30+ frames/s there
+    (``benchmarks/viewer_fps.py``). ``render_effects=true`` on the command line restores them."""
+    from gradgym.envs import registered
+    from gradgym.envs.core import task_arguments
+
+    entry = registered().get(name)
+    if entry is not None and "render_effects" in task_arguments(entry.factory):
+        return {"render_effects": False, **kwargs}
+    return kwargs
 
 
 def _check_env(name: str, kwargs: dict[str, Any]) -> None:
