@@ -13,7 +13,7 @@ mean wall time between iterations, and (robust to a busy machine, where the A/B 
 noise) the time the run spends in its follow hooks (marker checks, live replay writes) over
 the time of its iterations.
 
-    MUJOCO_GL=egl python benchmarks/viewer_fps.py [--seconds 8] [--pairs 3]
+    python benchmarks/viewer_fps.py [--seconds 8] [--pairs 3]
 """
 
 from __future__ import annotations
@@ -30,13 +30,11 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("MUJOCO_GL", "egl")
+import numpy as np
+from PIL import Image
+from websockets.sync.client import connect
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-from websockets.sync.client import connect  # noqa: E402
-
-import gradgym  # noqa: E402
+import gradgym
 
 
 def delivered_fps(env_args: list[str], grid: int, seconds: float) -> tuple[float, int]:

@@ -360,3 +360,18 @@ def test_a_run_logs_its_replay_and_view_command_to_mlflow(mlflow_server, tmp_pat
     assert {"replay.json", "replay.npz"} <= names
     meta, arrays = RunRecord(tmp_path / "logged").read_replay()
     assert meta["kind"] == "mlp" and arrays["weight_0"].shape == (3, 64)
+
+
+def test_mujoco_frames_without_effects_still_show_the_state():
+    import gradgym
+
+    plain = gradgym.make("Hopper-v5", render_effects=False)
+    full = gradgym.make("Hopper-v5")
+    state = plain.reset(0, batch=2)
+    bent = np.array([0.0, 0.3, 0.4, 0.5, 0.0, 0.0])  # the hopper's joints, folded
+    moved = plain.state_from_qpos_qvel(np.asarray(state.qpos) + bent, np.asarray(state.qvel))
+    frame, other = plain.render(state, 0), plain.render(moved, 0)
+    assert frame.shape == full.render(state, 0).shape and not_blank(frame)
+    assert differs(frame.astype(int), other.astype(int))
+    assert plain._renderer.model.vis.quality.offsamples == 0  # no multisampling
+    assert not any(plain._renderer.renderer.scene.flags[flag] for flag in plain._renderer.flags_off)

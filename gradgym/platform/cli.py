@@ -216,7 +216,6 @@ def _group_alive(process: subprocess.Popen) -> bool:
 # ---------------------------------------------------------------------- view
 
 def _cmd_view(args: argparse.Namespace) -> int:
-    os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo frames; before mujoco loads
     from gradgym.platform.viewer import ViewerError, resolve_target, serve
 
     if not 0 <= args.port <= 65535:
