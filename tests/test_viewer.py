@@ -316,8 +316,9 @@ class FakeClock:
 
 
 def test_a_run_looks_at_the_follow_marker_at_most_once_a_second(tmp_path, monkeypatch):
-    from gradgym.pipelines.base import plan_replay
     from omegaconf import OmegaConf
+
+    from gradgym.pipelines.base import plan_replay
 
     cfg = OmegaConf.create({"env": "Pendulum", "env_kwargs": {}, "seed": 3, "backend": "numpy",
                             "pipeline": {"name": "cem", "batch": 2, "horizon": 5}})

@@ -10,8 +10,9 @@ iteration and one ``stat`` of the marker per second.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -54,7 +55,7 @@ class ReplayRecorder:
     """
 
     def __init__(self, cfg: DictConfig, record: RunRecord,
-                 replay: Optional[Callable[[Any], Any]], clock: Callable[[], float] = time.monotonic):
+                 replay: Callable[[Any], Any] | None, clock: Callable[[], float] = time.monotonic):
         self.cfg, self.record, self.replay, self.clock = cfg, record, replay, clock
         self._next_check = 0.0
         self._following = False

@@ -15,7 +15,7 @@ import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from typing import Any, Optional
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse, JSONResponse
@@ -40,7 +40,7 @@ class RunWatcher:
 
     def __init__(self, record: RunRecord):
         self.record = record
-        self.replay: Optional[LoadedReplay] = None
+        self.replay: LoadedReplay | None = None
         self.curve: list[tuple[int, float]] = []
         self.status = "RUNNING"
         self._offset = 0
@@ -162,7 +162,7 @@ class Viewer:
         self.render_pool.shutdown(wait=False, cancel_futures=True)
 
 
-async def _wait(event: asyncio.Event, timeout_s: Optional[float]) -> None:
+async def _wait(event: asyncio.Event, timeout_s: float | None) -> None:
     """Wait for ``event`` (a command) or ``timeout_s``, whichever comes first; clear it."""
     if timeout_s is not None and timeout_s <= 0:
         await asyncio.sleep(0)

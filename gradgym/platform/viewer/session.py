@@ -14,7 +14,7 @@ import math
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -61,7 +61,7 @@ def parse_frame_message(message: bytes) -> tuple[dict[str, Any], bytes]:
 class Session:
     """The state of one page: what plays, how fast, from which seed, with which actions."""
 
-    def __init__(self, target: ViewTarget, replay: Optional[LoadedReplay] = None):
+    def __init__(self, target: ViewTarget, replay: LoadedReplay | None = None):
         self.target = target
         self.playing = True
         self.speed = 1.0
@@ -69,7 +69,7 @@ class Session:
         self.seed = target.seed
         self.source = "run" if replay is not None or target.run is not None else "zero"
         self.replay = replay  # the newest replay; used from the next episode on
-        self._episode_replay: Optional[LoadedReplay] = None
+        self._episode_replay: LoadedReplay | None = None
         self._commands: deque[dict[str, Any]] = deque()
         self._needs_frame = True  # the first frame, and a frame after every command
         self._env: Any = None

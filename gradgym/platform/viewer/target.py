@@ -6,9 +6,10 @@ that says what was wrong and what is allowed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import yaml
 
@@ -33,7 +34,7 @@ class ViewTarget:
     env: str
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    run: Optional[RunRecord] = None
+    run: RunRecord | None = None
 
     @property
     def title(self) -> str:
@@ -42,7 +43,7 @@ class ViewTarget:
         return f"{name} — run {self.run.folder.name}" if self.run else name
 
 
-def resolve_target(what: str, overrides: Sequence[str] = (), run: Optional[str] = None) -> ViewTarget:
+def resolve_target(what: str, overrides: Sequence[str] = (), run: str | None = None) -> ViewTarget:
     """The target of ``gradgym view WHAT [key=value ...] [--run FOLDER]``.
 
     ``what`` is a registered env name or a run folder (``gradgym run``'s or a sweep trial's).
@@ -90,7 +91,7 @@ def _run_target(folder: Path) -> ViewTarget:
         cfg = record.read_config()
         env, seed = str(cfg.env), int(cfg.seed)
         kwargs = dict(cfg.get("env_kwargs") or {})
-    except Exception as err:  # noqa: BLE001 - any unreadable config is the same bad input
+    except Exception as err:
         raise ViewerError(f"{str(folder / CONFIG_FILE)!r} is not a readable run config: {err}") from err
     kwargs = _live_render_defaults(env, kwargs)
     _check_env(env, kwargs)
