@@ -376,3 +376,34 @@ def test_mujoco_frames_without_effects_still_show_the_state():
     assert differs(frame.astype(int), other.astype(int))
     assert plain._renderer.model.vis.quality.offsamples == 0  # no multisampling
     assert not any(plain._renderer.renderer.scene.flags[flag] for flag in plain._renderer.flags_off)
+
+
+def test_a_policy_replay_acts_like_the_pipelines_policy():
+    from gradgym.envs import make
+    from gradgym.pipelines.base import mlp_replay
+    from gradgym.pipelines.policy import init_mlp, mlp_action
+    from gradgym.platform.viewer.session import LoadedReplay
+
+    env = make("Reacher", backend="numpy", num_joints=3)
+    layers = init_mlp(env, np.random.default_rng(0), [env.spec.obs_dim, 64, 64, env.spec.act_dim])
+    replay = mlp_replay(layers)
+    loaded = LoadedReplay({"kind": replay.kind}, replay.arrays, version=1)
+    obs = np.asarray(env.observe(env.reset(1, batch=5)))
+    np.testing.assert_allclose(loaded.actions(obs, np.arange(5), t=0),
+                               mlp_action(np, layers, obs), rtol=1e-5, atol=1e-6)
+
+
+def test_actions_from_a_run_fit_only_that_runs_env(tmp_path):
+    from omegaconf import OmegaConf
+
+    from gradgym.platform.viewer import ViewerError, resolve_target
+
+    record = RunRecord(tmp_path / "reacher-run").create()
+    record.write_config(OmegaConf.create({"env": "Reacher", "env_kwargs": {"num_joints": 3},
+                                          "seed": 4, "pipeline": {"name": "policy"}}))
+    target = resolve_target("Reacher", ["num_joints=3", "seed=2"], run=str(record.folder))
+    assert (target.env, target.env_kwargs, target.seed) == ("Reacher", {"num_joints": 3}, 2)
+    assert target.run.folder == record.folder
+    assert resolve_target(str(record.folder)).seed == 4  # a run replays from its own seed
+    with pytest.raises(ViewerError, match="that run optimized Reacher, not Pendulum"):
+        resolve_target("Pendulum", run=str(record.folder))
