@@ -405,5 +405,7 @@ def test_actions_from_a_run_fit_only_that_runs_env(tmp_path):
     assert (target.env, target.env_kwargs, target.seed) == ("Reacher", {"num_joints": 3}, 2)
     assert target.run.folder == record.folder
     assert resolve_target(str(record.folder)).seed == 4  # a run replays from its own seed
-    with pytest.raises(ViewerError, match="that run optimized Reacher, not Pendulum"):
+    with pytest.raises(ViewerError, match="that run optimized Reacher with .* not Pendulum"):
         resolve_target("Pendulum", run=str(record.folder))
+    with pytest.raises(ViewerError, match=r"\{'num_joints': 3\}, not Reacher with \{'num_joints': 2\}"):
+        resolve_target("Reacher", ["num_joints=2"], run=str(record.folder))

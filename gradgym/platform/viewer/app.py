@@ -138,6 +138,10 @@ class Viewer:
                     await _wait(wake, session.frame_interval_s() - (loop.time() - started))
         except (WebSocketDisconnect, RuntimeError, ConnectionError):
             pass  # the tab went away mid-send
+        except Exception as err:  # noqa: BLE001 - the simulation failed: say so on the page
+            with contextlib.suppress(Exception):
+                await tab.send_json({"type": "error", "message": f"{type(err).__name__}: {err}"})
+                await tab.close()
         finally:
             receiver.cancel()
             self.tabs.pop(tab, None)

@@ -67,12 +67,21 @@ def resolve_target(what: str, overrides: Sequence[str] = (), run: str | None = N
     _check_env(what, kwargs)
     record = None
     if run is not None:
-        record = _run_target(Path(run)).run
-        run_env = record.read_config().env
-        if run_env != what:
-            raise ViewerError(f"--run {run}: that run optimized {run_env}, not {what}; its actions "
-                              f"only fit its own env (view it with: gradgym view {run})")
+        run_target = _run_target(Path(run))
+        record = run_target.run
+        if run_target.env != what or _physics_kwargs(run_target.env_kwargs) != _physics_kwargs(kwargs):
+            raise ViewerError(
+                f"--run {run}: that run optimized {run_target.env} with "
+                f"{_physics_kwargs(run_target.env_kwargs)}, not {what} with {_physics_kwargs(kwargs)}; "
+                f"its actions only fit its own env (view it with: gradgym view {run})")
     return ViewTarget(what, kwargs, 0 if seed is None else seed, record)
+
+
+RENDER_KWARGS = ("width", "height", "render_effects")  # task arguments that only change frames
+
+
+def _physics_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in kwargs.items() if key not in RENDER_KWARGS}
 
 
 def _looks_like_folder(what: str) -> bool:
