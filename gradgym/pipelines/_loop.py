@@ -194,6 +194,8 @@ class _Member:
         self._best: Optional[tuple[Any, Any]] = None  # (the pack's params, optimizer)
         self.history: list[dict[str, float]] = []
         self.initial_video: Optional[list[np.ndarray]] = None
+        # Only a reporter that asks (a followed run's) gets the best parameters so far.
+        self.wants_best_params = getattr(report, "wants_best_params", lambda: False)
         self.outcome: Optional[MemberOutcome] = None
 
     @property
@@ -236,6 +238,8 @@ class _Member:
             artifacts["video_initial"] = self.initial_video
         if self.gradients_due(iteration):
             artifacts["gradients"] = optimizer.gradients(self.index)
+        if self.best_params is not None and self.wants_best_params():
+            artifacts["best_params"] = self.best_params
         self.report.iteration(metrics, iteration, artifacts or None)
         self.history.append(metrics)
         self.stop_if_not_finite(optimizer, iteration, metrics, after)

@@ -18,6 +18,10 @@ iteration metrics measured at the parameters *before* that iteration's update
 of iterations run and the ``FINAL_METRICS`` (``video_best`` comes with it). A run that
 stops on a non-finite return makes the final call before raising.
 
+A reporter that defines ``wants_best_params() -> bool`` (e.g. the platform's, while a viewer
+follows the run) also gets ``"best_params"`` (the best parameters so far, native arrays) in
+the artifacts of every iteration for which it returns ``True``; others never pay for it.
+
 A plain callable gets both kinds of calls. A caller that must tell them apart (the
 platform's run recorder) passes a :class:`Reporter`, whose ``iteration`` and ``final``
 methods are called instead.
@@ -27,6 +31,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
+
+import numpy as np
+
+from gradgym.envs.backends import to_numpy
 
 # What a gradient trainer's ``step`` returns, in this order.
 GRADIENT_STEP_METRICS = (
@@ -94,6 +102,33 @@ def no_report(
     metrics: dict[str, float], step: int, artifacts: Optional[dict[str, Any]] = None
 ) -> None:
     """The default callback: report nothing."""
+
+
+@dataclass
+class Replay:
+    """What a viewer needs to act like a pipeline's parameters, as host arrays.
+
+    ``kind`` is ``"plan"`` (``arrays["actions"]``: open-loop actions ``[B, T, act_dim]`` in
+    [-1, 1], played from the run's start states) or ``"mlp"`` (``arrays["weight_i"]``,
+    ``arrays["bias_i"]``: a policy ``action = tanh(... tanh(obs @ weight_0 + bias_0) ...)``).
+    """
+
+    kind: str
+    arrays: dict[str, np.ndarray]
+
+
+def plan_replay(actions: Any) -> Replay:
+    """The replay of open-loop actions ``[B, T, act_dim]`` (any backend's array)."""
+    return Replay("plan", {"actions": to_numpy(actions)})
+
+
+def mlp_replay(layers: Any) -> Replay:
+    """The replay of a tanh MLP given as ``[(weight [in, out], bias [out]), ...]``."""
+    arrays: dict[str, np.ndarray] = {}
+    for index, (weight, bias) in enumerate(layers):
+        arrays[f"weight_{index}"] = to_numpy(weight)
+        arrays[f"bias_{index}"] = to_numpy(bias)
+    return Replay("mlp", arrays)
 
 
 class NonFiniteReturnError(RuntimeError):

@@ -34,7 +34,7 @@ from gradgym.pipelines._rollout import (
     transition,
     tree_map,
 )
-from gradgym.pipelines.base import PipelineResult, Report
+from gradgym.pipelines.base import PipelineResult, Report, plan_replay
 from gradgym.pipelines.config import CEMConfig
 from gradgym.pipelines.registry import PipelineSpec, register
 
@@ -245,4 +245,5 @@ PIPELINE = register(PipelineSpec(
     needs_gradients=False,
     step_metrics=CEM_STEP_METRICS,
     summary="cross-entropy method over open-loop actions (zeroth order)",
+    replay=plan_replay,  # the mean plans are the actions
 ))

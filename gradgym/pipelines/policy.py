@@ -34,7 +34,13 @@ from gradgym.pipelines._rollout import (
     start_states,
     transition,
 )
-from gradgym.pipelines.base import EVAL_METRIC, GRADIENT_STEP_METRICS, PipelineResult, Report
+from gradgym.pipelines.base import (
+    EVAL_METRIC,
+    GRADIENT_STEP_METRICS,
+    PipelineResult,
+    Report,
+    mlp_replay,
+)
 from gradgym.pipelines.config import PolicyConfig
 from gradgym.pipelines.registry import PipelineSpec, register
 
@@ -174,4 +180,5 @@ PIPELINE = register(PipelineSpec(
     step_metrics=GRADIENT_STEP_METRICS,
     eval_metric=EVAL_METRIC,
     summary="an MLP policy trained by back-propagation through time",
+    replay=mlp_replay,
 ))

@@ -47,6 +47,8 @@ class PipelineSpec:
         iterations: ``iterations(cfg) -> int``, how many iterations a config runs (progress
             bars, schedulers): ``cfg.iters`` unless the pipeline budgets otherwise (PPO and
             SHAC derive it from ``env_steps``).
+        replay: ``replay(params) -> base.Replay``: a result's parameters as what
+            ``gradgym view`` replays (``None``: the pipeline saves no replay).
     """
 
     name: str
@@ -61,6 +63,7 @@ class PipelineSpec:
     optimize_pack: Optional[Callable[..., list[Any]]] = None
     packable_fields: tuple[str, ...] = ()
     iterations: Callable[[Any], int] = lambda cfg: int(cfg.iters)
+    replay: Optional[Callable[[Any], Any]] = None
 
     @property
     def iteration_metrics(self) -> tuple[str, ...]:

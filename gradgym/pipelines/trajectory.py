@@ -18,7 +18,9 @@ from __future__ import annotations
 import functools
 from typing import Any, Optional, Sequence
 
-from gradgym.envs.backends import AUTODIFF_BACKENDS
+import numpy as np
+
+from gradgym.envs.backends import AUTODIFF_BACKENDS, to_numpy
 from gradgym.envs.core import Env
 from gradgym.pipelines._loop import LoopSpec, MemberOutcome, run_loop
 from gradgym.pipelines._pack import check_pack, lone_outcome, member_names, member_renderers
@@ -34,7 +36,7 @@ from gradgym.pipelines._rollout import (
     start_states,
     transition,
 )
-from gradgym.pipelines.base import GRADIENT_STEP_METRICS, PipelineResult, Report
+from gradgym.pipelines.base import GRADIENT_STEP_METRICS, PipelineResult, Report, plan_replay
 from gradgym.pipelines.config import TrajectoryConfig
 from gradgym.pipelines.registry import PipelineSpec, register
 
@@ -143,4 +145,5 @@ PIPELINE = register(PipelineSpec(
     needs_gradients=True,
     step_metrics=GRADIENT_STEP_METRICS,
     summary="open-loop action sequences by gradient descent through the env",
+    replay=lambda logits: plan_replay(np.tanh(to_numpy(logits))),
 ))

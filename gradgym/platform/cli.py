@@ -7,6 +7,7 @@
     gradgym sweep --resume backends
     gradgym ui
     gradgym runs [--settle]
+    gradgym view HalfCheetah-v5          (or: gradgym view runs/<name>)
     gradgym envs
 """
 
@@ -78,6 +79,18 @@ def _parser() -> argparse.ArgumentParser:
     runs.add_argument("--settle", action="store_true",
                       help="end every DEAD run as KILLED, in its folder and in MLflow")
     runs.set_defaults(handler=_cmd_runs)
+    view = commands.add_parser(
+        "view", help="watch an env, or replay/follow a run, live in the browser",
+        description="Serve a page on 127.0.0.1 that shows WHAT live: an env (KEY=VALUE items "
+                    "are task arguments, e.g. num_joints=3, or seed=N) or a run folder (its best "
+                    "plan/policy; a run still going is followed as it improves).")
+    view.add_argument("what", metavar="ENV_OR_RUN_FOLDER")
+    view.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    view.add_argument("--run", metavar="FOLDER", help="with an ENV: a run folder whose plan or "
+                                                      "policy can act in it")
+    view.add_argument("--port", type=int, default=8765, help="0: any free port (default 8765)")
+    view.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    view.set_defaults(handler=_cmd_view)
 
     envs = commands.add_parser("envs", help="list the registered environments")
     envs.set_defaults(handler=_cmd_envs)
@@ -359,6 +372,26 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         print(f"{dead} DEAD run(s): their process died without ending them; "
               "`gradgym runs --settle` ends them KILLED in their folder and in MLflow")
     return 1 if unsettled else 0
+# ---------------------------------------------------------------------- view
+
+def _cmd_view(args: argparse.Namespace) -> int:
+    from gradgym.platform.viewer import ViewerError, resolve_target, serve
+
+    if not 0 <= args.port <= 65535:
+        print(f"gradgym view: --port must be 0..65535, got {args.port}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    try:
+        target = resolve_target(args.what, args.overrides, run=args.run)
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: the viewer will listen on {args.host}, reachable from other "
+                  "machines; it has no login", file=sys.stderr)
+        serve(target, host=args.host, port=args.port)
+    except ViewerError as err:
+        print(f"gradgym view: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 # ---------------------------------------------------------------------- envs

@@ -19,6 +19,12 @@ atomically or accepts an empty one or an earlier gradgym run folder, never a fol
 files; it then takes the lock, which the kernel releases when the holder ends, however it
 ends (so a retry on another process can take over a dead holder's folder, and a folder
 whose lock is free while its summary says nothing is a run whose process died).
+    replay.json          what ``gradgym view`` needs to replay the best result: env, seed,
+    replay.npz           kind ("plan": actions [B, T, act_dim]; "mlp": tanh MLP layers) + arrays
+    replay_live.json     the same for the best result so far, written while a viewer follows
+    replay_live.npz
+    following            touched by each viewer following the run (a heartbeat); the run
+                         writes replay_live.* only while it is fresh
 
 Everything else reads and writes these files through :class:`RunRecord`.
 """
@@ -44,6 +50,10 @@ TRACKING_FILE = "tracking.json"
 ATTEMPTS_FILE = "attempts"
 GRADIENTS_DIR = "gradients"
 LOCK_FILE = ".gradgym-run"
+REPLAY_STEM = "replay"  # replay.json + replay.npz (final), replay_live.json + .npz (so far)
+LIVE_REPLAY_STEM = "replay_live"
+FOLLOW_MARKER = "following"
+FOLLOW_FRESH_S = 10.0  # a follow marker older than this is a viewer that went away
 VIDEO_KEYS = ("video_initial", "video_best")  # a pipeline's video artifacts, saved as <key>.gif
 # Every name a run folder may hold (besides ``*.tmp`` files of atomic writes).
 LAYOUT_NAMES = frozenset({CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TRACKING_FILE, ATTEMPTS_FILE,
@@ -99,6 +109,15 @@ class RunRecord:
         folder = self.folder / GRADIENTS_DIR
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f"step_{step:06d}.png"
+
+    def replay_paths(self, live: bool = False) -> tuple[Path, Path]:
+        """``(json, npz)`` of the final replay (or, with ``live``, of the best so far)."""
+        stem = LIVE_REPLAY_STEM if live else REPLAY_STEM
+        return self.folder / f"{stem}.json", self.folder / f"{stem}.npz"
+
+    @property
+    def follow_marker_path(self) -> Path:
+        return self.folder / FOLLOW_MARKER
 
     # ------------------------------------------------------------------ state
     def started(self) -> bool:
@@ -251,11 +270,65 @@ class RunRecord:
         """The logged iterations (``[]`` when there are none)."""
         return read_jsonl(self.metrics_path) if self.metrics_path.is_file() else []
 
+    def read_metrics_from(self, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """The iterations logged after byte ``offset`` of ``metrics.jsonl`` (complete lines
+        only) and the offset to read from next time: for followers polling a running run."""
+        try:
+            with self.metrics_path.open("rb") as file:
+                file.seek(offset)
+                chunk = file.read()
+        except OSError:
+            return [], offset
+        complete = chunk[:chunk.rfind(b"\n") + 1]
+        return _parse_jsonl(complete.decode()), offset + len(complete)
+
     def read_tracking_state(self) -> dict[str, Any]:
         return read_json(self.tracking_path)
 
     def write_tracking_state(self, state: Mapping[str, Any]) -> None:
         write_json(self.tracking_path, state)
+
+    def write_replay(self, meta: Mapping[str, Any], arrays: Mapping[str, Any],
+                     live: bool = False) -> tuple[Path, Path]:
+        """Write a replay (``meta`` as JSON, ``arrays`` as one npz), each file atomically;
+        the npz is replaced first, so a reader that sees the new JSON sees its arrays."""
+        import numpy as np
+
+        json_path, npz_path = self.replay_paths(live)
+        tmp = npz_path.with_name(npz_path.name + ".tmp.npz")
+        np.savez(tmp, **{key: np.asarray(value) for key, value in arrays.items()})
+        os.replace(tmp, npz_path)
+        write_json(json_path, meta)
+        return json_path, npz_path
+
+    def read_replay(self, live: bool = False) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """``(meta, arrays)`` of the final (or live) replay, ``None`` if there is none yet."""
+        import numpy as np
+
+        json_path, npz_path = self.replay_paths(live)
+        meta = read_json(json_path)
+        if not meta or not npz_path.is_file():
+            return None
+        try:
+            with np.load(npz_path) as npz:
+                arrays = {key: npz[key] for key in npz.files}
+        except (OSError, ValueError, EOFError):
+            return None  # replaced while being read: the next poll reads it
+        return meta, arrays
+
+    def touch_follow_marker(self) -> None:
+        """A viewer's heartbeat: someone follows this run (see :meth:`followed`)."""
+        self.follow_marker_path.touch()
+
+    def followed(self, now: float | None = None) -> bool:
+        """Whether a viewer touched the follow marker in the last ``FOLLOW_FRESH_S`` seconds."""
+        import time
+
+        try:
+            touched = self.follow_marker_path.stat().st_mtime
+        except OSError:
+            return False
+        return (time.time() if now is None else now) - touched < FOLLOW_FRESH_S
 
     def artifacts(self) -> list[tuple[Path, str | None]]:
         """Every file a tracker uploads, as ``(path, folder in the run's artifacts)``."""
@@ -264,6 +337,7 @@ class RunRecord:
         files += [(path, None) for path in sorted(self.folder.glob("*.gif"))]
         files += [(path, GRADIENTS_DIR) for path in sorted(self.folder.glob(f"{GRADIENTS_DIR}/*.png"))]
         files += [(path, None) for path in (self.summary_path, self.metrics_path) if path.is_file()]
+        files += [(path, None) for path in self.replay_paths() if path.is_file()]
         return files
 
 

@@ -30,6 +30,7 @@ from gradgym.platform.records import (  # noqa: F401 - the errors are the runner
     RunDirExistsError,
     RunRecord,
 )
+from gradgym.platform.replays import ReplayRecorder, view_command
 from gradgym.platform.reports import gradient_histogram
 from gradgym.platform.tracking import (
     RunIdentity,
@@ -67,6 +68,8 @@ def run_tags(cfg: DictConfig, sweep: str | None = None) -> dict[str, str]:
     tags = {"backend": cfg.backend, "env": cfg.env, "pipeline": cfg.pipeline.name, "seed": str(cfg.seed)}
     if sweep:
         tags["sweep"] = sweep
+    if cfg.get("run_dir"):
+        tags["gradgym.view"] = view_command(cfg.run_dir)  # how to watch it in the browser
     return tags
 
 
@@ -320,6 +323,8 @@ class _Member:
             except BaseException as err:  # noqa: BLE001 - returned like the member's own error
                 return err
             return outcome
+        for path in self.recorder.replays.save_final(outcome.best_params, outcome.iterations):
+            self.tracker.log_artifact(path)
         self.tracker.log_artifact(self.record.metrics_path)
         self.tracker.log_final(self.recorder.final_metrics, self.recorder.final_step)
         self.tracker.drain()  # every iteration delivered; the tracker's run id is known
@@ -385,6 +390,11 @@ class _Recorder:
         self.returns: list[float] = []
         self._faults = faults_for(cfg)
         self._bar = _progress_bar(cfg)
+        self.replays = ReplayRecorder(cfg, record, get_pipeline(cfg.pipeline.name).replay)
+
+    def wants_best_params(self) -> bool:
+        """Whether the pipeline should pass its best parameters so far (a viewer follows)."""
+        return self.replays.wants_best_params()
 
     def iteration(self, metrics: Mapping[str, float], step: int,
                   artifacts: Mapping[str, Any] | None = None) -> None:
@@ -416,6 +426,8 @@ class _Recorder:
             frames = artifacts.get(key)
             if frames:
                 self.tracker.log_artifact(write_gif(self.record.video_path(key), frames, fps=20))
+        if artifacts.get("best_params") is not None:
+            self.replays.save_live(artifacts["best_params"], step)
         gradients = artifacts.get("gradients")
         if gradients is not None:
             path = gradient_histogram(gradients, step, self.record.gradient_path(step))

@@ -68,6 +68,10 @@ class MujocoTask(Task):
     width: int = 480
     height: int = 480
     num_threads: int = 1
+    # Shadows, reflections and 4x multisampling in rendered frames. Off, a frame costs ~1/25
+    # on a software GL renderer (llvmpipe; measured in benchmarks/viewer_fps.py): what a
+    # live viewer wants on a machine without a GPU.
+    render_effects: bool = True
 
     horizon = 1000
     State = MujocoState
@@ -218,7 +222,8 @@ class MujocoTask(Task):
 
     # ------------------------------------------------------------------ rendering
     def make_renderer(self) -> MujocoRenderer:
-        return MujocoRenderer(self.physics.model, self.width, self.height, self.camera)
+        return MujocoRenderer(self.physics.model, self.width, self.height, self.camera,
+                              effects=self.render_effects)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -346,14 +351,21 @@ def _model(xml_file: str) -> Any:
 
 # ---------------------------------------------------------------------------- renderer
 class MujocoRenderer(Renderer):
-    """Frames from MuJoCo's own (headless) renderer; the GL context is made once."""
+    """Frames from MuJoCo's own (headless) renderer; the GL context is made once.
 
-    def __init__(self, model: Any, width: int, height: int, camera: Camera):
+    ``effects=False`` draws without shadows, reflections and multisampling.
+    """
+
+    def __init__(self, model: Any, width: int, height: int, camera: Camera, effects: bool = True):
         import mujoco
 
         self.model = copy.copy(model)  # the offscreen buffer size is a model setting
         self.model.vis.global_.offwidth = max(width, self.model.vis.global_.offwidth)
         self.model.vis.global_.offheight = max(height, self.model.vis.global_.offheight)
+        self.flags_off: tuple[int, ...] = ()
+        if not effects:
+            self.model.vis.quality.offsamples = 0
+            self.flags_off = (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION)
         self.data = mujoco.MjData(self.model)
         try:
             self.renderer = mujoco.Renderer(self.model, height=height, width=width)
@@ -381,4 +393,6 @@ class MujocoRenderer(Renderer):
         self.data.qvel[:] = to_numpy(state.qvel)
         mujoco.mj_forward(self.model, self.data)
         self.renderer.update_scene(self.data, camera=self.camera)
+        for flag in self.flags_off:
+            self.renderer.scene.flags[flag] = 0
         return self.renderer.render().copy()
