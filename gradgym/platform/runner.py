@@ -197,6 +197,11 @@ def pack_group(cfg: DictConfig) -> tuple:
                     compile_cache=cfg.compile_cache)
 
 
+def planned_iterations(cfg: DictConfig) -> int:
+    """How many iterations the run of ``cfg`` will make (its pipeline says how it budgets)."""
+    return get_pipeline(cfg.pipeline.name).iterations(OmegaConf.to_object(cfg.pipeline))
+
+
 def can_run_packs(pipeline: str) -> bool:
     """Whether configs of ``pipeline`` may run in packs of more than one."""
     return get_pipeline(pipeline).optimize_pack is not None
@@ -409,7 +414,7 @@ class _Recorder:
             self._bar.set_postfix(return_mean=f"{metrics.get('return_mean', math.nan):.4g}", refresh=False)
         if self.on_iteration is not None:
             self.on_iteration(metrics, step)
-        self._faults.after_iteration(step, self.attempt, self.cfg.pipeline.iters)
+        self._faults.after_iteration(step, self.attempt, planned_iterations(self.cfg))
 
     def final(self, metrics: Mapping[str, float], step: int,
               artifacts: Mapping[str, Any] | None = None) -> None:
@@ -443,7 +448,7 @@ def _progress_bar(cfg: DictConfig) -> Any:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.pipeline.iters, desc=f"{cfg.pipeline.name} {cfg.env} ({cfg.backend})",
+    return tqdm(total=planned_iterations(cfg), desc=f"{cfg.pipeline.name} {cfg.env} ({cfg.backend})",
                 unit="it", dynamic_ncols=True)
 
 

@@ -55,7 +55,7 @@ from gradgym.platform.config import (
     sweep_points,
 )
 from gradgym.platform.records import RunRecord, read_json, write_json
-from gradgym.platform.runner import can_run_packs, pack_group, settle_run
+from gradgym.platform.runner import can_run_packs, pack_group, planned_iterations, settle_run
 from gradgym.platform.tracking import TrackingError
 
 SWEEP_FILE = "sweep.yaml"
@@ -456,7 +456,7 @@ def make_packs(cfg: DictConfig, slots: int = 1) -> list[list[dict[str, Any]]]:
         run_cfg = compose_run_config(base, point)
         packable = limit > 1 and can_run_packs(run_cfg.pipeline.name)
         key = pack_group(run_cfg) if packable else ("alone", index)
-        iters = getattr(run_cfg.pipeline, "iters", 1)  # for the progress bar
+        iters = planned_iterations(run_cfg)  # for the progress bar
         groups.setdefault(key, []).append({"id": f"{index:05d}", "values": point, "iters": iters})
     total = sum(len(members) for members in groups.values())
     packs = []
@@ -520,7 +520,7 @@ def _scheduler(cfg: DictConfig) -> Any:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    iters = compose_run_config(sweep_base_layer(cfg)).pipeline.iters
+    iters = planned_iterations(compose_run_config(sweep_base_layer(cfg)))
     # max_t past the last iteration: ASHA stops a trial *at* max_t, which would cut a
     # trial that is finishing anyway.
     return ASHAScheduler(time_attr="iteration", metric=cfg.asha.metric, mode=cfg.asha.mode,
