@@ -351,11 +351,21 @@ def rollout_bytes(cfg: DictConfig, obs_dim: int, act_dim: int) -> int:
     ``AUTODIFF_OVERHEAD`` for the tape and optimizer, for the largest batch the pipeline
     steps at once (``batch`` x ``population`` for CEM, ``eval_batch`` for evaluation)."""
     pipeline = cfg.pipeline
-    rows = max(int(pipeline.batch) * int(pipeline.get("population", 1) or 1),
+    rows = max(int(_batch(pipeline)) * int(pipeline.get("population", 1) or 1),
                int(pipeline.get("eval_batch", 0) or 0))
     per_step = 2 * obs_dim + act_dim + 1
     itemsize = 8 if cfg.dtype == "float64" else 4
-    return rows * int(pipeline.horizon) * per_step * itemsize * AUTODIFF_OVERHEAD
+    return rows * int(_horizon(pipeline)) * per_step * itemsize * AUTODIFF_OVERHEAD
+
+
+def _batch(pipeline: DictConfig) -> int:
+    """Envs stepped at once: ``batch``, or ``num_envs`` for the RL pipelines (PPO, SHAC)."""
+    return pipeline.get("batch", pipeline.get("num_envs", 1))
+
+
+def _horizon(pipeline: DictConfig) -> int:
+    """Steps kept per rollout: ``horizon``, or ``num_steps`` for the RL pipelines."""
+    return pipeline.get("horizon", pipeline.get("num_steps", 1))
 
 
 def _check_memory(cfg: DictConfig, obs_dim: int, act_dim: int) -> None:
@@ -363,10 +373,10 @@ def _check_memory(cfg: DictConfig, obs_dim: int, act_dim: int) -> None:
     (instead of a MemoryError minutes into the run)."""
     needed, available = rollout_bytes(cfg, obs_dim, act_dim), physical_memory_bytes()
     if needed > available:
-        per_row = max(1, needed // max(1, int(cfg.pipeline.batch)))
+        per_row = max(1, needed // max(1, int(_batch(cfg.pipeline))))
         raise ConfigError(
-            f"invalid value {cfg.pipeline.batch!r} for 'pipeline.batch' with pipeline.horizon="
-            f"{cfg.pipeline.horizon}: a run needs about {needed / 2**30:.3g} GiB (estimate) and this "
+            f"invalid value {_batch(cfg.pipeline)!r} for 'pipeline.batch' with pipeline.horizon="
+            f"{_horizon(cfg.pipeline)}: a run needs about {needed / 2**30:.3g} GiB (estimate) and this "
             f"machine has {available / 2**30:.3g} GiB; allowed: pipeline.batch x pipeline.horizon "
             f"small enough, e.g. pipeline.batch <= {available // per_row} at this horizon"
         )
