@@ -10,6 +10,12 @@ store, on a local Ray with every CPU. It runs three times:
 3. ``pack: 1`` (one config per Tune trial, as before packing) on a subset: every env and
    backend with 2 seeds and 1 learning rate (20 configs), to compare configs per minute.
 
+By default the configs log metrics only (``pipeline.render=false``,
+``pipeline.grad_hist_every=0``): their GIFs and gradient histograms are drawn per config on the
+CPU (matplotlib frames, GIF encoding) and cost about a second or more per config whatever the
+sweep does, so they would measure rendering, not the sweep. ``--artifacts`` keeps the
+defaults (two 100-frame GIFs and four histograms per config).
+
 Printed for each: wall time end to end (``start_sweep``, Ray's start and the parent run
 included), configs per minute, and the useful-compute fraction = time inside iterations /
 (CPUs x wall), where a pack's iterations count once (its members share them). Targets on a
@@ -34,9 +40,13 @@ import yaml
 
 from gradgym.platform.sweep import SweepOutcome, start_sweep
 
+ARTIFACTS = False  # set from --artifacts
 ENVS = ["CartPole", "Pendulum", "MountainCar", "Reacher", "Swimmer"]
 BACKENDS = ["jax", "torch"]
 LEARNING_RATES = [0.1, 0.05, 0.02, 0.01]
+
+
+ARTIFACTS_OFF = {"pipeline.render": False, "pipeline.grad_hist_every": 0}
 
 
 def run_sweep(folder: Path, name: str, grid: dict, iters: int, cpus: int, **extra) -> tuple[SweepOutcome, float]:
@@ -45,6 +55,8 @@ def run_sweep(folder: Path, name: str, grid: dict, iters: int, cpus: int, **extr
                  "pipeline.batch": 32, "compile_cache": str(folder / "compile-cache"),
                  "tracking.uri": f"sqlite:///{folder / 'mlflow.db'}"}
     overrides.update(extra.pop("overrides", {}))
+    if not ARTIFACTS:
+        overrides.update(ARTIFACTS_OFF)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"name": name, "num_cpus": cpus, "overrides": overrides,
@@ -88,15 +100,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("--lrs", type=int, default=4, help="how many of the 4 learning rates")
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--artifacts", action="store_true",
+                        help="keep each config's GIFs and gradient histograms (the run defaults)")
     parser.add_argument("--skip-off", action="store_true", help="skip the MLflow-off sweep")
     parser.add_argument("--skip-pack1", action="store_true", help="skip the pack: 1 subset")
     args = parser.parse_args()
+    global ARTIFACTS
+    ARTIFACTS = args.artifacts
     grid = {"env": ENVS, "backend": BACKENDS, "seed": list(range(args.seeds)),
             "pipeline.lr": LEARNING_RATES[:args.lrs]}
     configs = len(ENVS) * len(BACKENDS) * args.seeds * args.lrs
     print(f"{configs}-config sweep: trajectory optimization (T=100, B=32, {args.iters} iterations), "
           f"{len(ENVS)} envs x jax, torch x {args.seeds} seeds x {args.lrs} learning rates; "
-          f"{args.cpus} CPUs; {load()}", flush=True)
+          f"{args.cpus} CPUs; {'with' if args.artifacts else 'without'} GIFs and gradient "
+          f"histograms; {load()}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="gradgym-sweep-scaling-") as tmp:
         folder = Path(tmp)
