@@ -40,7 +40,6 @@ import yaml
 
 from gradgym.platform.sweep import SweepOutcome, start_sweep
 
-ARTIFACTS = False  # set from --artifacts
 ENVS = ["CartPole", "Pendulum", "MountainCar", "Reacher", "Swimmer"]
 BACKENDS = ["jax", "torch"]
 LEARNING_RATES = [0.1, 0.05, 0.02, 0.01]
@@ -49,13 +48,14 @@ LEARNING_RATES = [0.1, 0.05, 0.02, 0.01]
 ARTIFACTS_OFF = {"pipeline.render": False, "pipeline.grad_hist_every": 0}
 
 
-def run_sweep(folder: Path, name: str, grid: dict, iters: int, cpus: int, **extra) -> tuple[SweepOutcome, float]:
+def run_sweep(folder: Path, name: str, grid: dict, iters: int, cpus: int, artifacts: bool,
+              **extra) -> tuple[SweepOutcome, float]:
     """Run one sweep in ``folder`` (its own MLflow store there): (outcome, end-to-end wall)."""
     overrides = {"pipeline": "trajectory", "pipeline.iters": iters, "pipeline.horizon": 100,
                  "pipeline.batch": 32, "compile_cache": str(folder / "compile-cache"),
                  "tracking.uri": f"sqlite:///{folder / 'mlflow.db'}"}
     overrides.update(extra.pop("overrides", {}))
-    if not ARTIFACTS:
+    if not artifacts:
         overrides.update(ARTIFACTS_OFF)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.yaml"
@@ -105,8 +105,6 @@ def main() -> None:
     parser.add_argument("--skip-off", action="store_true", help="skip the MLflow-off sweep")
     parser.add_argument("--skip-pack1", action="store_true", help="skip the pack: 1 subset")
     args = parser.parse_args()
-    global ARTIFACTS
-    ARTIFACTS = args.artifacts
     grid = {"env": ENVS, "backend": BACKENDS, "seed": list(range(args.seeds)),
             "pipeline.lr": LEARNING_RATES[:args.lrs]}
     configs = len(ENVS) * len(BACKENDS) * args.seeds * args.lrs
@@ -117,17 +115,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="gradgym-sweep-scaling-") as tmp:
         folder = Path(tmp)
-        packed, wall = run_sweep(folder / "on", "packed", grid, args.iters, args.cpus)
+        packed, wall = run_sweep(folder / "on", "packed", grid, args.iters, args.cpus, args.artifacts)
         on = describe("packed, MLflow on", packed, wall, args.cpus)
         if not args.skip_off:
-            off_outcome, off_wall = run_sweep(folder / "off", "packed-off", grid, args.iters, args.cpus,
+            off_outcome, off_wall = run_sweep(folder / "off", "packed-off", grid, args.iters,
+                                              args.cpus, args.artifacts,
                                               overrides={"tracking.enabled": False})
             off = describe("packed, MLflow off", off_outcome, off_wall, args.cpus)
             print(f"{'MLflow share of the wall time':34} {(1 - off['wall_s'] / on['wall_s']) * 100:+.1f}%")
         if not args.skip_pack1:
             subset = {"env": ENVS, "backend": BACKENDS, "seed": [0, 1], "pipeline.lr": LEARNING_RATES[:1]}
             alone_outcome, alone_wall = run_sweep(folder / "alone", "alone", subset, args.iters,
-                                                  args.cpus, pack=1)
+                                                  args.cpus, args.artifacts, pack=1)
             alone = describe("pack: 1 (2 seeds, 1 lr per env/backend)", alone_outcome, alone_wall, args.cpus)
             print(f"{'configs per minute, packed / pack: 1':34} "
                   f"{on['configs_per_min'] / alone['configs_per_min']:.1f}x (target >= 10x)")

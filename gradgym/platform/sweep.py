@@ -348,7 +348,7 @@ def _run(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any] | Future, r
                     storage_path=str(sweep_dir),
                     failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                     verbose=0,  # the progress bar below replaces Tune's tables
-                    callbacks=[SweepProgress(cfg.name, packs, sweep_dir)],
+                    callbacks=[SweepProgress(cfg.name, packs)],
                 ),
             )
         began = time.perf_counter()
@@ -640,9 +640,8 @@ class SweepProgress(Callback):
     """The sweep's one live line on the terminal: configs done/total, running, failed,
     best return so far and the ETA, from the trials' reports (Tune's tables are off)."""
 
-    def __init__(self, name: str, packs: list[list[dict[str, Any]]], sweep_dir: Path):
+    def __init__(self, name: str, packs: list[list[dict[str, Any]]]):
         self.name = name
-        self.sweep_dir = str(sweep_dir)
         self.configs = {pack[0]["id"]: len(pack) for pack in packs}  # pack -> its size
         self.iterations = sum(_iterations(m) for pack in packs for m in pack) or 1
         self.results: dict[str, dict[str, Any]] = {}  # trial id -> its latest report
@@ -666,18 +665,18 @@ class SweepProgress(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.ended[trial.trial_id] = "done"
-        self._draw(trials)
+        self._draw()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.ended[trial.trial_id] = "error"
-        self._draw(trials)
+        self._draw()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self._draw(trials)
+        self._draw()
         if self._bar is not None:
             self._bar.close()
 
-    def _draw(self, trials: list | None = None) -> None:
+    def _draw(self) -> None:
         if self._bar is None:
             return
         done = sum(r.get("configs_done", 0) for r in self.results.values())
