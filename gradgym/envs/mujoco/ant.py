@@ -28,6 +28,7 @@ from gradgym.envs.mujoco.base import (
     Camera,
     MujocoState,
     MujocoTask,
+    component,
     inside,
     locomotion_terms,
     per_state,
@@ -70,7 +71,7 @@ class Ant(MujocoTask):
             ) from err
 
     def tracked_x(self, xp: Any, qpos: Any, readouts: Any) -> Any:
-        return self.main_body_position(xp, readouts)[..., 0]
+        return component(self.main_body_position(xp, readouts), 0)
 
     def main_body_position(self, xp: Any, readouts: Any) -> Any:
         """``[..., 3]`` world position of ``main_body``'s frame (``xpos``)."""
@@ -96,7 +97,7 @@ class Ant(MujocoTask):
         finite = xp.logical_and(
             xp.all(xp.isfinite(state.qpos), axis=-1), xp.all(xp.isfinite(state.qvel), axis=-1)
         )
-        return xp.logical_and(finite, inside(xp, state.qpos[..., 2], self.healthy_z_range, closed=True))
+        return xp.logical_and(finite, inside(xp, component(state.qpos, 2), self.healthy_z_range, closed=True))
 
     def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
         forces = self.contact_forces(xp, state)
@@ -107,8 +108,8 @@ class Ant(MujocoTask):
         info = planar_info(xp, state.qpos)
         if previous is None:
             return info
-        after = self.main_body_position(xp, state.readouts)[..., 1]
-        before = self.main_body_position(xp, previous.readouts)[..., 1]
+        after = component(self.main_body_position(xp, state.readouts), 1)
+        before = component(self.main_body_position(xp, previous.readouts), 1)
         return {**info, "x_velocity": state.x_velocity, "y_velocity": (after - before) / self.dt}
 
     def terminated(self, backend: Backend, state: MujocoState) -> Any:

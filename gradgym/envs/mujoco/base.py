@@ -212,7 +212,7 @@ class MujocoTask(Task):
     def tracked_x(self, xp: Any, qpos: Any, readouts: Any) -> Any:
         """``[...]`` x position whose velocity the forward reward pays; by default the
         first generalized coordinate (the root's x slide)."""
-        return qpos[..., 0]
+        return component(qpos, 0)
 
     def readout(self, xp: Any, readouts: Any, name: str) -> Any:
         """Readout field ``name`` with its MjData shape, ``[..., *shape]``."""
@@ -227,6 +227,13 @@ class MujocoTask(Task):
 
 
 # ---------------------------------------------------------------------------- helpers
+def component(x: Any, index: int) -> Any:
+    """``x[..., index]``. On one env's vector (the single-env Gymnasium path) this is a numpy
+    scalar rather than a 0-d array: the reward and health arithmetic that follows runs about
+    ten times faster on scalars. The same values on every backend."""
+    return x[index] if x.ndim == 1 else x[..., index]
+
+
 def control_cost(xp: Any, ctrl: Any, weight: float) -> Any:
     """``weight * sum(ctrl^2)`` over the last axis."""
     return weight * xp.sum(ctrl * ctrl, axis=-1)
@@ -235,18 +242,21 @@ def control_cost(xp: Any, ctrl: Any, weight: float) -> Any:
 def per_state(method: Any) -> Any:
     """Memoize ``method(self, xp, state)`` for the last ``state`` -- only where the
     namespace asks for it (``xp.memoize``: the single-env Gymnasium path, which asks the
-    reward and the termination of the same state); the functional backends never cache."""
+    reward, the termination and the observation of the same state, and whose health checks
+    and observations share parts); the functional backends never cache."""
 
     @functools.wraps(method)
     def cached(self: Any, xp: Any, state: Any) -> Any:
         if not getattr(xp, "memoize", False):
             return method(self, xp, state)
         memo = self.__dict__.get("_memo")  # holds the state, so its id is not reused
-        if memo is not None and memo[0] is state and memo[1] is method:
-            return memo[2]
-        result = method(self, xp, state)
-        object.__setattr__(self, "_memo", (state, method, result))
-        return result
+        if memo is None or memo[0] is not state:
+            memo = (state, {})
+            object.__setattr__(self, "_memo", memo)
+        results = memo[1]
+        if method not in results:
+            results[method] = method(self, xp, state)
+        return results[method]
 
     return cached
 
@@ -275,8 +285,8 @@ def walker_info(task: Any, state: MujocoState, previous: MujocoState | None) -> 
     """The info of the planar walkers (Hopper, Walker2d): x position, height above the
     model's start and, after a step, x velocity."""
     info = {
-        "x_position": state.qpos[..., 0],
-        "z_distance_from_origin": state.qpos[..., 1] - float(task.physics.model.qpos0[1]),
+        "x_position": component(state.qpos, 0),
+        "z_distance_from_origin": component(state.qpos, 1) - float(task.physics.model.qpos0[1]),
     }
     return info if previous is None else {**info, "x_velocity": state.x_velocity}
 
@@ -284,7 +294,7 @@ def walker_info(task: Any, state: MujocoState, previous: MujocoState | None) -> 
 def planar_info(xp: Any, qpos: Any) -> dict[str, Any]:
     """``x_position``, ``y_position`` and ``distance_from_origin`` of a free or planar root
     whose first two coordinates are its x and y."""
-    x, y = qpos[..., 0], qpos[..., 1]
+    x, y = component(qpos, 0), component(qpos, 1)
     return {"x_position": x, "y_position": y, "distance_from_origin": xp.sqrt(x * x + y * y)}
 
 

@@ -22,6 +22,7 @@ the current state, so a differentiable rollout can start where the Gymnasium env
 from __future__ import annotations
 
 import inspect
+import math
 import types
 from typing import Any, ClassVar
 
@@ -47,17 +48,34 @@ _RENDER_ARGS = ("width", "height", "camera_id", "camera_name", "default_camera_c
 
 
 def _where(condition: Any, x: Any, y: Any) -> Any:
-    if np.ndim(condition) == 0:  # one env: a scalar choice, no array op
+    if isinstance(condition, (bool, np.bool_)):  # one env: a scalar choice, no array op
         return x if condition else y
     return np.where(condition, x, y)
 
 
+_FLOAT64_ONE, _FLOAT64_ZERO = np.float64(1.0), np.float64(0.0)
+_NO_READOUTS = np.empty(0)  # the readouts of a task that reads none (never written)
+_NO_READOUTS.flags.writeable = False
+
+
 def _like(fill: int) -> Any:
+    constant = _FLOAT64_ONE if fill else _FLOAT64_ZERO
+
     def like(x: Any) -> Any:
+        if type(x) is np.float64:  # the common case: a per-env reward term
+            return constant
         if np.ndim(x) == 0:  # a scalar of x's dtype (numpy scalars and 0-d arrays)
             return x.dtype.type(fill)
         return np.full_like(x, fill)
     return like
+
+
+def _on_floats(scalar: Any, array: Any) -> Any:
+    """``scalar`` on a float (numpy's float64 is one), ``array`` on anything else: a numpy
+    ufunc costs about a microsecond even on a scalar, ``math``'s functions a few dozen ns."""
+    def function(x: Any) -> Any:
+        return scalar(x) if isinstance(x, float) else array(x)
+    return function
 
 
 def _scalar(value: Any) -> Any:
@@ -77,11 +95,13 @@ HOST_XP.__dict__.update(
     where=_where,
     ones_like=_like(1),
     zeros_like=_like(0),
+    abs=abs,
+    isfinite=_on_floats(math.isfinite, np.isfinite),
     clip=lambda x, low, high: np.minimum(np.maximum(x, low), high),
     sum=lambda x, axis=None: np.add.reduce(x, axis=axis),
     all=lambda x, axis=None: np.logical_and.reduce(x, axis=axis),
     concat=lambda arrays, axis=0: np.concatenate(arrays, axis=axis),
-    memoize=True,  # see base.per_state: reward and termination share the health check
+    memoize=True,  # see base.per_state: reward, termination and observation share parts
 )
 # what Task.terminated reads of a backend
 _HOST_BACKEND = types.SimpleNamespace(xp=HOST_XP, falses=lambda shape: np.zeros(shape, dtype=bool))
@@ -144,6 +164,7 @@ class MujocoGymEnv(MujocoEnv):
         self._readout_slices = [(physics.readout_slices[name], name) for name in task.readout_fields]
         self._readout_size = physics.readout_size
         self._dt = self.dt  # a property reading the model: once, not every step
+        self._action_shape = (self.model.nu,)
         self._ctrl_on_data = getattr(task, "gym_ctrl_cost_on_applied_ctrl", False)
         self._data_info = dict(getattr(task, "gym_info_data_fields", ()))
         self._state: MujocoState | None = None
@@ -218,14 +239,16 @@ class MujocoGymEnv(MujocoEnv):
     def _checked(self, action: Any) -> np.ndarray:
         """``action`` as an array, or a clear error (shape, dtype, NaN/inf)."""
         array = np.asarray(action)
-        nu = self.model.nu
-        if array.shape != (nu,):
+        if array.shape != self._action_shape:
             raise ValueError(
-                f"{self.task.name}: action has shape {array.shape}, expected ({nu},)"
+                f"{self.task.name}: action has shape {array.shape}, expected {self._action_shape}"
             )
-        if array.dtype.kind not in _REAL_KINDS:
+        kind = array.dtype.kind
+        if kind not in _REAL_KINDS:
             raise TypeError(f"{self.task.name}: action dtype {array.dtype} is not a real number type")
-        if not np.isfinite(array).all():
+        # A finite dot product means finite entries: one C call. Only when it is not (NaN or
+        # inf, or huge finite values overflowing) are the entries looked at one by one.
+        if kind == "f" and not math.isfinite(array @ array) and not np.isfinite(array).all():
             raise ValueError(f"{self.task.name}: action contains NaN or inf: {array.tolist()}")
         return array
 
@@ -234,12 +257,14 @@ class MujocoGymEnv(MujocoEnv):
         are numpy scalars) from ``MjData``; copies, as the data moves on."""
         data, task = self.data, self.task
         qpos, qvel = data.qpos.copy(), data.qvel.copy()
-        readouts = np.empty(self._readout_size)
-        for part, name in self._readout_slices:
-            readouts[part] = getattr(data, name).ravel()
+        readouts = _NO_READOUTS
+        if self._readout_slices:
+            readouts = np.empty(self._readout_size)
+            for part, name in self._readout_slices:
+                readouts[part] = getattr(data, name).ravel()
         # the tracked x of the last state is kept: Humanoid's (its center of mass) is dear
         x = task.tracked_x(HOST_XP, qpos, readouts)
-        x_velocity = np.float64(0.0) if previous is None else (x - self._x) / self._dt
+        x_velocity = _FLOAT64_ZERO if previous is None else (x - self._x) / self._dt
         self._x = x
         applied = data.ctrl.copy() if self._ctrl_on_data else ctrl
         return MujocoState(qpos, qvel, applied, x_velocity, readouts, None)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gradgym.envs.mujoco.base import Camera, MujocoState, MujocoTask, control_cost
+from gradgym.envs.mujoco.base import Camera, MujocoState, MujocoTask, component, control_cost
 
 
 @dataclass(frozen=True)
@@ -47,5 +47,5 @@ class HalfCheetah(MujocoTask):
         }
 
     def info(self, xp: Any, state: MujocoState, previous: MujocoState | None = None) -> dict[str, Any]:
-        info = {"x_position": state.qpos[..., 0]}
+        info = {"x_position": component(state.qpos, 0)}
         return info if previous is None else {**info, "x_velocity": state.x_velocity}

@@ -24,6 +24,7 @@ from gradgym.envs.mujoco.base import (
     Camera,
     MujocoState,
     MujocoTask,
+    component,
     inside,
     locomotion_terms,
     per_state,
@@ -61,8 +62,8 @@ class Hopper(MujocoTask):
         return xp.logical_and(
             xp.all(inside(xp, rest, self.healthy_state_range), axis=-1),
             xp.logical_and(
-                inside(xp, state.qpos[..., 1], self.healthy_z_range),
-                inside(xp, state.qpos[..., 2], self.healthy_angle_range),
+                inside(xp, component(state.qpos, 1), self.healthy_z_range),
+                inside(xp, component(state.qpos, 2), self.healthy_angle_range),
             ),
         )
 

@@ -29,6 +29,7 @@ from gradgym.envs.mujoco.base import (
     Camera,
     MujocoState,
     MujocoTask,
+    component,
     inside,
     locomotion_terms,
     per_state,
@@ -94,7 +95,7 @@ class Humanoid(MujocoTask):
     @per_state
     def healthy(self, xp: Any, state: MujocoState) -> Any:
         """Whether the torso height is within ``healthy_z_range``."""
-        return inside(xp, state.qpos[..., 2], self.healthy_z_range)
+        return inside(xp, component(state.qpos, 2), self.healthy_z_range)
 
     def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
         forces = self.readout(xp, state.readouts, "cfrc_ext")

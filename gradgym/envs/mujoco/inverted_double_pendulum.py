@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gradgym.envs.backends import Backend
-from gradgym.envs.mujoco.base import Camera, MujocoState, MujocoTask, indicator
+from gradgym.envs.mujoco.base import Camera, MujocoState, MujocoTask, component, indicator
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,9 @@ class InvertedDoublePendulum(MujocoTask):
 
     def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
         tip = self.tip(xp, state)
-        x, y = tip[..., 0], tip[..., 2]
+        x, y = component(tip, 0), component(tip, 2)
         distance_penalty = 0.01 * x**2 + (y - 2.0) ** 2
-        velocity_penalty = 1e-3 * state.qvel[..., 1] ** 2 + 5e-3 * state.qvel[..., 2] ** 2
+        velocity_penalty = 1e-3 * component(state.qvel, 1) ** 2 + 5e-3 * component(state.qvel, 2) ** 2
         return {
             "reward_survive": self.healthy_reward * indicator(xp, y > 1.0, y),
             "distance_penalty": -distance_penalty,
@@ -66,4 +66,4 @@ class InvertedDoublePendulum(MujocoTask):
         }
 
     def terminated(self, backend: Backend, state: MujocoState) -> Any:
-        return self.tip(backend.xp, state)[..., 2] <= 1.0
+        return component(self.tip(backend.xp, state), 2) <= 1.0

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from gradgym.envs.backends import Backend
-from gradgym.envs.mujoco.base import Camera, MujocoState, MujocoTask, indicator, per_state
+from gradgym.envs.mujoco.base import (
+    Camera,
+    MujocoState,
+    MujocoTask,
+    component,
+    indicator,
+    per_state,
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class InvertedPendulum(MujocoTask):
     name = "InvertedPendulum-v5"
     camera = Camera(distance=2.04, elevation=-10.0, lookat=(0.0, 0.0, 0.3))
 
+    @per_state  # fallen() reads it too
     def observe(self, xp: Any, state: MujocoState) -> Any:
         return xp.concat([state.qpos, state.qvel], axis=-1)
 
@@ -43,12 +51,12 @@ class InvertedPendulum(MujocoTask):
     def fallen(self, xp: Any, state: MujocoState) -> Any:
         """Whether the pole has tipped past 0.2 rad (or the state is not finite)."""
         finite = xp.all(xp.isfinite(self.observe(xp, state)), axis=-1)
-        return xp.logical_or(xp.logical_not(finite), xp.abs(state.qpos[..., 1]) > 0.2)
+        return xp.logical_or(xp.logical_not(finite), xp.abs(component(state.qpos, 1)) > 0.2)
 
     def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
-        standing = indicator(xp, xp.logical_not(self.fallen(xp, state)), state.qpos[..., 0])
+        standing = indicator(xp, xp.logical_not(self.fallen(xp, state)), component(state.qpos, 0))
         if self.smooth_reward:
-            return {"reward_survive": standing * (1.0 - (state.qpos[..., 1] / 0.2) ** 2)}
+            return {"reward_survive": standing * (1.0 - (component(state.qpos, 1) / 0.2) ** 2)}
         return {"reward_survive": standing}
 
     def terminated(self, backend: Backend, state: MujocoState) -> Any:

@@ -21,6 +21,7 @@ from gradgym.envs.mujoco.base import (
     Camera,
     MujocoState,
     MujocoTask,
+    component,
     control_cost,
     planar_info,
 )
@@ -54,5 +55,5 @@ class Swimmer(MujocoTask):
         info = planar_info(xp, state.qpos)
         if previous is None:
             return info
-        y_velocity = (state.qpos[..., 1] - previous.qpos[..., 1]) / self.dt
+        y_velocity = (component(state.qpos, 1) - component(previous.qpos, 1)) / self.dt
         return {**info, "x_velocity": state.x_velocity, "y_velocity": y_velocity}

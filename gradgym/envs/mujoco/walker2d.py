@@ -23,6 +23,7 @@ from gradgym.envs.mujoco.base import (
     Camera,
     MujocoState,
     MujocoTask,
+    component,
     inside,
     locomotion_terms,
     per_state,
@@ -56,8 +57,8 @@ class Walker2d(MujocoTask):
     def healthy(self, xp: Any, state: MujocoState) -> Any:
         """Whether the torso is high enough and not tipped over."""
         return xp.logical_and(
-            inside(xp, state.qpos[..., 1], self.healthy_z_range),
-            inside(xp, state.qpos[..., 2], self.healthy_angle_range),
+            inside(xp, component(state.qpos, 1), self.healthy_z_range),
+            inside(xp, component(state.qpos, 2), self.healthy_angle_range),
         )
 
     def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
