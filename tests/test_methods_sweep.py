@@ -73,3 +73,31 @@ def test_method_comparison_plots_each_method_against_env_steps_and_wall_time(tmp
     path = method_comparison(trials, tmp_path / "methods.png", title="t")
     image = iio.imread(path)
     assert image.shape[0] > 400 and image.shape[1] > 600 and image.ndim == 3
+
+
+def test_overrides_may_hold_keys_of_the_pipelines_the_grid_picks(tmp_path):
+    """`pipeline.env_steps` is a key of PPO and SHAC, not of the default pipeline: the sweep's
+    start-up (tracking config, ASHA's horizon) composes it with each trial's pipeline."""
+    from gradgym.platform.config import load_sweep_config
+    from gradgym.platform.sweep import _scheduler, _trial_tracking
+
+    sweep = {
+        "name": "t-budget", "scheduler": "asha",
+        "overrides": {"env": "Pendulum", "pipeline.env_steps": 20480, "tracking.enabled": False},
+        "grid": {"pipeline": ["ppo", "shac"]},
+    }
+    path = tmp_path / "budget.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    cfg = load_sweep_config(path)
+    assert _trial_tracking(cfg).enabled is False
+    # 20480 env steps are 10 iterations of 2048 for both; ASHA stops one past the last
+    assert _scheduler(cfg)._max_t == 11
+
+
+def test_the_methods_sweep_file_composes_every_trial():
+    from gradgym.platform.config import load_sweep_config, trial_run_configs
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "methods.yaml"
+    trials = trial_run_configs(load_sweep_config(path))
+    assert sorted({t.pipeline.name for t in trials}) == sorted(METHODS)
+    assert len(trials) == 45

@@ -53,6 +53,8 @@ from gradgym.platform.config import (
     search_space,
     sweep_base_layer,
     sweep_points,
+    trial_layers,
+    trial_run_configs,
 )
 from gradgym.platform.records import RunRecord, read_json, write_json
 from gradgym.platform.runner import can_run_packs, pack_group, planned_iterations, settle_run
@@ -273,7 +275,8 @@ def _with_name(cfg: DictConfig, name: str) -> DictConfig:
 def _trial_tracking(cfg: DictConfig, parent: Mapping[str, Any] | None = None) -> DictConfig:
     """The tracking config every trial gets (the sweep's overrides, and the parent's store)."""
     placement = {"tracking.uri": parent["uri"], "tracking.experiment": parent["experiment"]} if parent else {}
-    return compose_run_config(sweep_base_layer(cfg), placement).tracking
+    # with the first trial's values: overrides may hold keys of the pipeline the grid picks
+    return compose_run_config(sweep_base_layer(cfg), trial_layers(cfg)[0], placement).tracking
 
 
 def _create_parent_run(cfg: DictConfig, sweep_dir: Path) -> dict[str, Any]:
@@ -520,7 +523,7 @@ def _scheduler(cfg: DictConfig) -> Any:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    iters = planned_iterations(compose_run_config(sweep_base_layer(cfg)))
+    iters = max(planned_iterations(trial) for trial in trial_run_configs(cfg))
     # max_t past the last iteration: ASHA stops a trial *at* max_t, which would cut a
     # trial that is finishing anyway.
     return ASHAScheduler(time_attr="iteration", metric=cfg.asha.metric, mode=cfg.asha.mode,
