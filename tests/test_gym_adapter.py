@@ -72,6 +72,29 @@ def test_observations_and_rewards_match_the_functional_env():
         assert (terminated, truncated, info) == (False, False, {})
 
 
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", ["CartPole", "Pendulum", "MountainCar", "Reacher", "Swimmer"])
+def test_the_host_path_equals_a_batch_of_one(name, dtype):
+    """The classic ids step one unbatched env on the host (gradgym.envs.host): the same
+    observations and rewards as the functional env with a batch of one -- to the last bit in
+    float64; in float32 numpy's exp of a scalar and of a vector differ by a few ulps."""
+    gym_env = GymEnv(name, dtype=dtype)
+    assert gym_env._unbatched
+    obs, _ = gym_env.reset(seed=3)
+    functional = gradgym.make(name, dtype=dtype)
+    state = functional.reset(np.random.default_rng(3), batch=1)
+    np.testing.assert_array_equal(obs, functional.observe(state)[0].astype(np.float32))
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        action = rng.uniform(-1, 1, functional.spec.act_dim).astype(dtype)
+        obs, reward, terminated, _, _ = gym_env.step(action)
+        state, expected_obs, expected_reward, expected_done = functional.step(state, action[None])
+        ulp = 0 if dtype == "float64" else 1e-6
+        np.testing.assert_allclose(obs, expected_obs[0].astype(np.float32), rtol=ulp, atol=0)
+        assert reward == pytest.approx(float(expected_reward[0]), rel=ulp, abs=0)
+        assert terminated == bool(expected_done[0])
+
 def test_seeding_is_reproducible():
     env = gymnasium.make("gradgym/CartPole-v0")
     first, _ = env.reset(seed=11)
@@ -202,6 +225,6 @@ def test_a_terminating_task_terminates_through_gymnasium(monkeypatch):
     env = gymnasium.make("gradgym/TippingPendulum-v0")
     check_env(env.unwrapped)
     env.reset(seed=0)
-    env.unwrapped._state = env.unwrapped._state._replace(angle=np.array([0.49], np.float32))
+    env.unwrapped._state = env.unwrapped._state._replace(angle=np.float32(0.49))  # one env, unbatched
     _, _, terminated, truncated, _ = env.step(np.ones(1, np.float32))
     assert (terminated, truncated) == (True, False)

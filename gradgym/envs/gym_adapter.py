@@ -37,6 +37,7 @@ import numpy as np
 from gymnasium import spaces
 
 from gradgym.envs.core import make, registered
+from gradgym.envs.host import HOST_BACKEND, HOST_XP
 
 NAMESPACE = "gradgym"
 RENDER_MODES = ("rgb_array",)
@@ -82,22 +83,31 @@ class GymEnv(gymnasium.Env):
         self.observation_space = spaces.Box(-np.inf, np.inf, (spec.obs_dim,), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (spec.act_dim,), np.float32)
         self._dtype = self.env.backend.dtype
+        self._unbatched = self.env.task.runs_unbatched
         self._state: Any = None
 
     def reset(self, *, seed: int | None = None,
               options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         """Start an episode; ``seed`` reseeds :attr:`np_random` (Gymnasium's convention)."""
         super().reset(seed=seed)
-        self._state = self.env.reset(self.np_random, batch=1)
+        state = self.env.reset(self.np_random, batch=1)
+        self._state = type(state)(*(leaf[0] for leaf in state)) if self._unbatched else state
         return self._observation(), {}
 
     def step(self, action: Any) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
         """Apply a validated ``[act_dim]`` action in [-1, 1]."""
         if self._state is None:
             raise RuntimeError(f"{self.env.spec.name}: step() called before reset()")
-        batched = self._validated(action)[None, :]
-        self._state, _, reward, terminated = self.env.step(self._state, batched)
-        return self._observation(), float(reward[0]), bool(terminated[0]), False, {}
+        action = self._validated(action)
+        if self._unbatched:  # the task's code on one env's state, on the host path
+            task = self.env.task
+            state = self._state = task.dynamics(HOST_XP, self._state, action)
+            obs, reward = task.observe(HOST_XP, state), task.reward(HOST_XP, state)
+            terminated = task.terminated(HOST_BACKEND, state)
+        else:  # a batch of one
+            self._state, obs, reward, terminated = self.env.step(self._state, action[None, :])
+            obs, reward, terminated = obs[0], reward[0], terminated[0]
+        return np.asarray(obs, dtype=np.float32), float(reward), bool(terminated), False, {}
 
     def render(self) -> np.ndarray | None:
         """An ``H x W x 3`` uint8 frame when ``render_mode="rgb_array"``, else ``None``."""
@@ -109,7 +119,10 @@ class GymEnv(gymnasium.Env):
             return None
         if self._state is None:
             raise RuntimeError(f"{self.env.spec.name}: render() called before reset()")
-        return self.env.render(self._state, 0)
+        state = self._state
+        if self._unbatched:
+            state = type(state)(*(np.asarray(leaf)[None] for leaf in state))
+        return self.env.render(state, 0)
 
     def __getstate__(self) -> dict[str, Any]:
         # The functional env holds its array namespace (a module) and, once it has
@@ -124,6 +137,8 @@ class GymEnv(gymnasium.Env):
         self.env = make(name, backend="numpy", dtype=dtype, **task_kwargs)
 
     def _observation(self) -> np.ndarray:
+        if self._unbatched:
+            return np.asarray(self.env.task.observe(HOST_XP, self._state), dtype=np.float32)
         return np.asarray(self.env.observe(self._state)[0], dtype=np.float32)
 
     def _validated(self, action: Any) -> np.ndarray:
@@ -141,17 +156,18 @@ class GymEnv(gymnasium.Env):
                 f"(one env; act_dim={act_dim})"
             )
         array = array.astype(self._dtype)  # a copy: clipping below must not touch the caller's
+        largest = np.abs(array).max()
+        if largest <= 1.0:  # the common path: one reduction (false for NaN)
+            return array
         if not np.isfinite(array).all():
             raise ValueError(f"{name}: action contains NaN or inf: {array.tolist()}")
-        # abs().max() first: one reduction on the common in-bounds path
-        if np.abs(array).max() > 1.0:
-            outside = np.abs(array) > 1.0 + BOUND_TOLERANCE
-            if outside.any():
-                raise ValueError(
-                    f"{name}: action values {array[outside].tolist()} at indices "
-                    f"{np.flatnonzero(outside).tolist()} are outside the allowed range [-1, 1]"
-                )
-            np.clip(array, -1.0, 1.0, out=array)
+        outside = np.abs(array) > 1.0 + BOUND_TOLERANCE
+        if outside.any():
+            raise ValueError(
+                f"{name}: action values {array[outside].tolist()} at indices "
+                f"{np.flatnonzero(outside).tolist()} are outside the allowed range [-1, 1]"
+            )
+        np.clip(array, -1.0, 1.0, out=array)
         return array
 
 

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from gradgym.envs.backends import Backend
-from gradgym.envs.core import Task
+from gradgym.envs.core import Task, component
 from gradgym.envs.rendering import INK, CanvasRenderer, View, page_center
 
 
@@ -46,6 +46,7 @@ class CartPole(Task):
     force_scale: float = 10.0
 
     name = "CartPole"
+    runs_unbatched = True
     dt = 0.02
     State = CartPoleState
 
@@ -70,7 +71,7 @@ class CartPole(Task):
         x, x_vel, angle, angle_vel = state
         total_mass = self.cart_mass + self.pole_mass
         pole_moment = self.pole_mass * self.pole_half_length
-        force = self.force_scale * action[..., 0]
+        force = self.force_scale * component(action, 0)
         sin, cos = xp.sin(angle), xp.cos(angle)
         temp = (force + pole_moment * angle_vel**2 * sin) / total_mass
         angle_acc = (self.gravity * sin - cos * temp) / (

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from gradgym.envs.backends import Backend
-from gradgym.envs.core import Task
+from gradgym.envs.core import Task, component
 from gradgym.envs.rendering import INK, CanvasRenderer, View, page_center
 
 
@@ -40,6 +40,7 @@ class MountainCar(Task):
     goal_x: float = 0.45
 
     name = "MountainCar"
+    runs_unbatched = True
     dt = 0.02
     State = MountainCarState
 
@@ -58,7 +59,7 @@ class MountainCar(Task):
         )
 
     def dynamics(self, xp: Any, state: MountainCarState, action: Any) -> MountainCarState:
-        x_acc = self.force_scale * action[..., 0] - self.gravity * xp.cos(3.0 * state.x)
+        x_acc = self.force_scale * component(action, 0) - self.gravity * xp.cos(3.0 * state.x)
         x_vel = state.x_vel + self.dt * x_acc
         return MountainCarState(state.x + self.dt * x_vel, x_vel)
 

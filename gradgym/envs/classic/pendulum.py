@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from gradgym.envs.backends import Backend
-from gradgym.envs.core import Task
+from gradgym.envs.core import Task, component
 from gradgym.envs.rendering import INK, CanvasRenderer, square_view
 
 
@@ -42,6 +42,7 @@ class Pendulum(Task):
     torque_scale: float = 1.0
 
     name = "Pendulum"
+    runs_unbatched = True
     dt = 0.05
     State = PendulumState
 
@@ -61,7 +62,7 @@ class Pendulum(Task):
         )
 
     def dynamics(self, xp: Any, state: PendulumState, action: Any) -> PendulumState:
-        torque = self.torque_scale * action[..., 0]
+        torque = self.torque_scale * component(action, 0)
         angle_acc = -3.0 * self.gravity / (2.0 * self.length) * xp.sin(state.angle + math.pi) + (
             3.0 / (self.mass * self.length**2)
         ) * torque

@@ -41,6 +41,7 @@ class Reacher(Task):
     torque_scale: float = 1.0
 
     name = "Reacher"
+    runs_unbatched = True
     dt = 0.05
     State = ReacherState
 

@@ -40,6 +40,7 @@ class Swimmer(Task):
     num_urchins: int = 5
 
     name = "Swimmer"
+    runs_unbatched = True
     # Its Gymnasium id: "Swimmer" there is MuJoCo's Swimmer-v5, a different env.
     gym_name = "Fish"
     dt = 0.05

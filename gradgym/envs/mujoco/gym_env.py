@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import types
 from typing import Any, ClassVar
 
 import gymnasium
@@ -34,6 +33,7 @@ from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
 from gymnasium.envs.mujoco.mujoco_rendering import MujocoRenderer
 
 from gradgym.envs.core import Env, make
+from gradgym.envs.host import HOST_BACKEND, HOST_XP, as_scalar
 from gradgym.envs.mujoco import TASKS
 from gradgym.envs.mujoco.base import MujocoState, MujocoTask, sum_terms
 from gradgym.envs.mujoco.physics import asset_path, load_model
@@ -47,64 +47,9 @@ _RENDER_ARGS = ("width", "height", "camera_id", "camera_name", "default_camera_c
                 "max_geom", "visual_options")
 
 
-def _where(condition: Any, x: Any, y: Any) -> Any:
-    if isinstance(condition, (bool, np.bool_)):  # one env: a scalar choice, no array op
-        return x if condition else y
-    return np.where(condition, x, y)
-
-
-_FLOAT64_ONE, _FLOAT64_ZERO = np.float64(1.0), np.float64(0.0)
 _NO_READOUTS = np.empty(0)  # the readouts of a task that reads none (never written)
 _NO_READOUTS.flags.writeable = False
-
-
-def _like(fill: int) -> Any:
-    constant = _FLOAT64_ONE if fill else _FLOAT64_ZERO
-
-    def like(x: Any) -> Any:
-        if type(x) is np.float64:  # the common case: a per-env reward term
-            return constant
-        if np.ndim(x) == 0:  # a scalar of x's dtype (numpy scalars and 0-d arrays)
-            return x.dtype.type(fill)
-        return np.full_like(x, fill)
-    return like
-
-
-def _on_floats(scalar: Any, array: Any) -> Any:
-    """``scalar`` on a float (numpy's float64 is one), ``array`` on anything else: a numpy
-    ufunc costs about a microsecond even on a scalar, ``math``'s functions a few dozen ns."""
-    def function(x: Any) -> Any:
-        return scalar(x) if isinstance(x, float) else array(x)
-    return function
-
-
-def _scalar(value: Any) -> Any:
-    """A 0-d array as its numpy scalar (what Gymnasium returns); anything else as is."""
-    return value[()] if type(value) is np.ndarray and value.ndim == 0 else value
-
-
-# The Array API namespace the single-env host path runs the tasks' code with: numpy, with
-# the functions the tasks use made cheap on the scalars and short vectors of one env
-# (numpy's Python-level wrappers -- np.clip, np.sum, np.where -- cost microseconds each,
-# several times a step). Results are bit-identical to numpy's.
-HOST_XP = types.SimpleNamespace(**{name: getattr(np, name) for name in dir(np) if not name.startswith("_")})
-HOST_XP.__dict__.update(
-    logical_and=lambda a, b: a & b,
-    logical_or=lambda a, b: a | b,
-    logical_not=lambda a: (not a) if isinstance(a, bool) else ~a,
-    where=_where,
-    ones_like=_like(1),
-    zeros_like=_like(0),
-    abs=abs,
-    isfinite=_on_floats(math.isfinite, np.isfinite),
-    clip=lambda x, low, high: np.minimum(np.maximum(x, low), high),
-    sum=lambda x, axis=None: np.add.reduce(x, axis=axis),
-    all=lambda x, axis=None: np.logical_and.reduce(x, axis=axis),
-    concat=lambda arrays, axis=0: np.concatenate(arrays, axis=axis),
-    memoize=True,  # see base.per_state: reward, termination and observation share parts
-)
-# what Task.terminated reads of a backend
-_HOST_BACKEND = types.SimpleNamespace(xp=HOST_XP, falses=lambda shape: np.zeros(shape, dtype=bool))
+_ZERO = np.float64(0.0)
 
 
 class MujocoGymEnv(MujocoEnv):
@@ -181,11 +126,11 @@ class MujocoGymEnv(MujocoEnv):
         previous, task = self._state, self.task
         state = self._state = self._read(ctrl, previous)
         terms = task.reward_terms(HOST_XP, state)
-        terminated = bool(task.terminated(_HOST_BACKEND, state))
+        terminated = bool(task.terminated(HOST_BACKEND, state))
         info = self._info(state, previous, terms)
         if self.render_mode == "human":
             self.render()
-        return task.observe(HOST_XP, state), _scalar(sum_terms(terms)), terminated, False, info
+        return task.observe(HOST_XP, state), as_scalar(sum_terms(terms)), terminated, False, info
 
     def reset_model(self) -> np.ndarray:
         """Gymnasium's draws: ``qpos0 + U(-s, s)``, then ``qvel`` uniform or ``s * N(0, 1)``."""
@@ -264,15 +209,15 @@ class MujocoGymEnv(MujocoEnv):
                 readouts[part] = getattr(data, name).ravel()
         # the tracked x of the last state is kept: Humanoid's (its center of mass) is dear
         x = task.tracked_x(HOST_XP, qpos, readouts)
-        x_velocity = _FLOAT64_ZERO if previous is None else (x - self._x) / self._dt
+        x_velocity = _ZERO if previous is None else (x - self._x) / self._dt
         self._x = x
         applied = data.ctrl.copy() if self._ctrl_on_data else ctrl
         return MujocoState(qpos, qvel, applied, x_velocity, readouts, None)
 
     def _info(self, state: MujocoState, previous: MujocoState | None,
               terms: dict[str, Any]) -> dict[str, Any]:
-        info = {key: _scalar(value) for key, value in self.task.info(HOST_XP, state, previous).items()}
-        info.update((key, _scalar(value)) for key, value in terms.items())
+        info = {key: as_scalar(value) for key, value in self.task.info(HOST_XP, state, previous).items()}
+        info.update((key, as_scalar(value)) for key, value in terms.items())
         for key, field in self._data_info.items():
             info[key] = getattr(self.data, field).copy()
         return info
