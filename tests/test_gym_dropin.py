@@ -168,6 +168,11 @@ def test_envs_pickle_and_deepcopy_before_and_after_rendering(env_id):
             assert_same(twin.step(action)[:2], copy.deepcopy(env).step(action)[:2], env_id)
             assert_same(twin.reset(), copy.deepcopy(env).reset(), env_id)
             assert twin.render().shape == env.render().shape
+    # a copy steps its own MjData: equal steps to the original's, neither moving the other
+    twin = pickle.loads(pickle.dumps(env))
+    for _ in range(5):
+        action = env.action_space.sample()
+        assert_same(twin.step(action)[:2], env.step(action)[:2], env_id)
 
 
 # ----------------------------------------------------------------------------- gradients

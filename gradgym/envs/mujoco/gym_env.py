@@ -113,13 +113,22 @@ class MujocoGymEnv(MujocoEnv):
         self._ctrl_on_data = getattr(task, "gym_ctrl_cost_on_applied_ctrl", False)
         self._data_info = dict(getattr(task, "gym_info_data_fields", ()))
         self._state: MujocoState | None = None
+        self._view_data()
+
+    def _view_data(self) -> None:
+        # Views of the MjData arrays the step reads and writes: MjData's attributes build a
+        # new array object on every access. Views, not copies: rebuilt after unpickling.
+        data = self.data
+        self._qpos, self._qvel, self._ctrl = data.qpos, data.qvel, data.ctrl
+        self._readout_views = [(part, getattr(data, name).reshape(-1))
+                               for part, name in self._readout_slices]
 
     # ------------------------------------------------------------------ Gymnasium API
     def step(self, action: Any) -> tuple[np.ndarray, Any, bool, bool, dict[str, Any]]:
         """One env step, as Gymnasium's env of the same id takes it."""
         ctrl = self._checked(action)
         model, data = self.model, self.data
-        data.ctrl[:] = ctrl
+        self._ctrl[:] = ctrl
         mujoco.mj_step(model, data, nstep=self.frame_skip)
         if self._post_constraint:  # the only fields it writes are cacc, cfrc_int, cfrc_ext
             mujoco.mj_rnePostConstraint(model, data)
@@ -172,12 +181,15 @@ class MujocoGymEnv(MujocoEnv):
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
         # The renderer holds GL contexts and ctypes; it is rebuilt lazily after unpickling.
+        # The views of MjData would come back as copies: they are rebuilt too.
         state = dict(self.__dict__)
-        state.pop("mujoco_renderer", None)
+        for key in ("mujoco_renderer", "_qpos", "_qvel", "_ctrl", "_readout_views"):
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._view_data()
         self.mujoco_renderer = MujocoRenderer(self.model, self.data, **_renderer_args(self._render_args))
 
     # ------------------------------------------------------------------ helpers
@@ -200,18 +212,18 @@ class MujocoGymEnv(MujocoEnv):
     def _read(self, ctrl: np.ndarray, previous: MujocoState | None) -> MujocoState:
         """The task's state of this one env (unbatched leaves, so that per-env quantities
         are numpy scalars) from ``MjData``; copies, as the data moves on."""
-        data, task = self.data, self.task
-        qpos, qvel = data.qpos.copy(), data.qvel.copy()
+        task = self.task
+        qpos, qvel = self._qpos.copy(), self._qvel.copy()
         readouts = _NO_READOUTS
-        if self._readout_slices:
+        if self._readout_views:
             readouts = np.empty(self._readout_size)
-            for part, name in self._readout_slices:
-                readouts[part] = getattr(data, name).ravel()
+            for part, view in self._readout_views:
+                readouts[part] = view
         # the tracked x of the last state is kept: Humanoid's (its center of mass) is dear
         x = task.tracked_x(HOST_XP, qpos, readouts)
         x_velocity = _ZERO if previous is None else (x - self._x) / self._dt
         self._x = x
-        applied = data.ctrl.copy() if self._ctrl_on_data else ctrl
+        applied = self._ctrl.copy() if self._ctrl_on_data else ctrl
         return MujocoState(qpos, qvel, applied, x_velocity, readouts, None)
 
     def _info(self, state: MujocoState, previous: MujocoState | None,
