@@ -21,8 +21,11 @@ leaves it after the step; contact forces are ``cfrc_ext`` after
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from gradgym.envs.backends import Backend
 from gradgym.envs.mujoco.base import (
@@ -71,8 +74,14 @@ class Humanoid(MujocoTask):
     def mass_center(self, xp: Any, readouts: Any, axis: int) -> Any:
         """``[...]`` coordinate ``axis`` of the center of mass of all bodies."""
         xipos = self.readout(xp, readouts, "xipos")
-        mass = xp.asarray(self.physics.model.body_mass, dtype=xipos.dtype)
-        return xp.sum(mass * xipos[..., axis], axis=-1) / xp.sum(mass)
+        mass, total = self._body_masses
+        return xp.sum(xp.asarray(mass, dtype=xipos.dtype) * xipos[..., axis], axis=-1) / total
+
+    @functools.cached_property
+    def _body_masses(self) -> tuple[np.ndarray, float]:
+        """The bodies' masses and their sum (read from the model once)."""
+        mass = self.physics.model.body_mass.copy()
+        return mass, float(np.sum(mass))
 
     def observe(self, xp: Any, state: MujocoState) -> Any:
         skip = 2 if self.exclude_current_positions_from_observation else 0

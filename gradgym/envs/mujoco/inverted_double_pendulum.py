@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from gradgym.envs.backends import Backend
-from gradgym.envs.mujoco.base import Camera, MujocoState, MujocoTask, component, indicator
+from gradgym.envs.mujoco.base import (
+    Camera,
+    MujocoState,
+    MujocoTask,
+    component,
+    indicator,
+    per_state,
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class InvertedDoublePendulum(MujocoTask):
     qvel_noise = "normal"
     camera = Camera(distance=2.6, elevation=-10.0, lookat=(0.0, 0.0, 0.6))
 
+    @per_state  # the reward and the termination both read it
     def tip(self, xp: Any, state: MujocoState) -> Any:
         """``[..., 3]`` world position of the pole tip (site 0)."""
         return self.readout(xp, state.readouts, "site_xpos")[..., 0, :]
