@@ -21,7 +21,8 @@ import numpy as np
 
 from gradgym.envs.backends import Backend
 from gradgym.envs.core import Task
-from gradgym.envs.rendering import INK, CanvasRenderer, View, page_center, square_view
+from gradgym.envs.rendering import (FIGURE_INCHES, INK, CanvasRenderer, View, page_center,
+                                    square_view)
 
 
 class SwimmerState(NamedTuple):
@@ -103,7 +104,7 @@ class SwimmerRenderer(CanvasRenderer):
     def build(self, ax: Any) -> None:
         from matplotlib.patches import Ellipse, Polygon
 
-        points_per_unit = self.size * 72.0 / 100.0 / (2 * self.half_width)
+        points_per_unit = FIGURE_INCHES * 72.0 / (2 * self.half_width)
         diameter = 2 * self.urchin_radius * points_per_unit
         self.urchins = ax.scatter(np.zeros(0), np.zeros(0), s=diameter**2, marker=(12, 2, 0),
                                   c="#5b2a86", linewidths=1.2, animated=True)
