@@ -56,6 +56,30 @@ def test_frame_shape_dtype_not_blank_and_follows_the_state(name, kwargs):
 
 
 @pytest.mark.parametrize(("name", "kwargs"), ENV_CASES, ids=CASE_IDS)
+def test_a_frame_size_draws_the_same_scene_scaled(name, kwargs):
+    """A smaller frame (a grid's tiles in ``gradgym view``) is the full-size frame scaled down,
+    up to anti-aliasing and pixel snapping: far closer to it than to another state's frame."""
+    from PIL import Image
+
+    env = gradgym.make(name, dtype="float64", **kwargs)
+    state = env.reset(3, batch=2)
+
+    def downscaled(index, size):
+        frame = Image.fromarray(env.render(state, index))
+        return np.asarray(frame.resize((size, size), Image.BOX)).astype(int)
+
+    for size in (128, 101):
+        small = env.render(state, 0, size)
+        assert small.shape == (size, size, 3) and small.dtype == np.uint8
+        same = np.abs(small - downscaled(0, size)).mean()
+        other = np.abs(small - downscaled(1, size)).mean()
+        assert same < 3.0 and same < 0.5 * other, (size, same, other)
+    assert env.render(state, 0, FRAME_SIZE).tobytes() == env.render(state, 0).tobytes()
+    with pytest.raises(ValueError, match="frame size"):
+        env.render(state, 0, 8)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), ENV_CASES, ids=CASE_IDS)
 def test_frame_shows_the_reward_color(name, kwargs):
     env = gradgym.make(name, dtype="float64", **kwargs)
     state = env.reset(1, batch=1)

@@ -374,8 +374,9 @@ def test_mujoco_frames_without_effects_still_show_the_state():
     frame, other = plain.render(state, 0), plain.render(moved, 0)
     assert frame.shape == full.render(state, 0).shape and not_blank(frame)
     assert differs(frame.astype(int), other.astype(int))
-    assert plain._renderer.model.vis.quality.offsamples == 0  # no multisampling
-    assert not any(plain._renderer.renderer.scene.flags[flag] for flag in plain._renderer.flags_off)
+    renderer = plain._renderers[None]
+    assert renderer.model.vis.quality.offsamples == 0  # no multisampling
+    assert not any(renderer.renderer.scene.flags[flag] for flag in renderer.flags_off)
 
 
 def test_a_policy_replay_acts_like_the_pipelines_policy():

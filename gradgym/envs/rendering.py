@@ -87,18 +87,19 @@ class CanvasRenderer(Renderer):
 
     Args:
         view: the initial world window ``((xmin, xmax), (ymin, ymax))``.
-        size: frame width and height in pixels; the scene is the same at every size (see
-            :data:`FIGURE_INCHES`).
+        size: frame width and height in pixels (``None``: :data:`FRAME_SIZE`); the scene is
+            the same at every size (see :data:`FIGURE_INCHES`).
     """
 
     blit = True
     """Draw frames by blitting (the default); ``False`` redraws the whole figure each frame,
     which gives the same picture more slowly (the peer in ``benchmarks/render_speed.py``)."""
 
-    def __init__(self, view: View, size: int = FRAME_SIZE):
+    def __init__(self, view: View, size: int | None = None):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
+        size = FRAME_SIZE if size is None else size
         if isinstance(size, bool) or not isinstance(size, int) or size < 16:
             raise ValueError(f"frame size must be an int >= 16 pixels, got {size!r}")
         self.size = size

@@ -84,8 +84,8 @@ class Swimmer(Task):
         urchin_dist2 = xp.sum((state.xy[..., None, :] - state.urchins) ** 2, axis=-1)
         return goal_term * xp.prod(1.0 - xp.exp(-30.0 * urchin_dist2), axis=-1)
 
-    def make_renderer(self) -> SwimmerRenderer:
-        return SwimmerRenderer(self)
+    def make_renderer(self, size: int | None = None) -> SwimmerRenderer:
+        return SwimmerRenderer(self, size)
 
 
 class SwimmerRenderer(CanvasRenderer):
@@ -98,8 +98,8 @@ class SwimmerRenderer(CanvasRenderer):
     fish_length = 0.22
     urchin_radius = 0.13  # where an urchin's factor 1 - exp(-30 d^2) reaches ~0.4
 
-    def __init__(self, task: Swimmer):
-        super().__init__(square_view(self.half_width))
+    def __init__(self, task: Swimmer, size: int | None = None):
+        super().__init__(square_view(self.half_width), size)
 
     def build(self, ax: Any) -> None:
         from matplotlib.patches import Ellipse, Polygon
