@@ -200,9 +200,8 @@ def frame_rates(seconds: float) -> None:
               f"{size / 1024:>10.1f}  >= {target} {verdict}")
     for name in ("Pendulum", "CartPole"):
         alone, jpeg_ms = render_alone_fps(name, 16, seconds, full_size=True)
-        print(f"{name} 4x4 grid, 16 full-size 256x256 frames (the viewer's tiles before they "
-              f"were drawn small): render alone {alone:.1f} frames/s, jpeg of 1024x1024 "
-              f"{jpeg_ms:.2f} ms")
+        print(f"{name} 4x4 grid at full size (16x256x256, as the viewer drew grids before): "
+              f"render alone {alone:.1f} frames/s, jpeg of 1024x1024 {jpeg_ms:.2f} ms")
     us, size = scene_state_cost("HalfCheetah-v5")
     print(f"scene state instead of pixels (HalfCheetah-v5): {us:.0f} µs and {size / 1024:.1f} KB "
           "per frame on the server")
