@@ -21,8 +21,14 @@ import numpy as np
 
 from gradgym.envs.backends import Backend
 from gradgym.envs.core import Task
-from gradgym.envs.rendering import (FIGURE_INCHES, INK, CanvasRenderer, View, page_center,
-                                    square_view)
+from gradgym.envs.rendering import (
+    FIGURE_INCHES,
+    INK,
+    CanvasRenderer,
+    View,
+    page_center,
+    square_view,
+)
 
 
 class SwimmerState(NamedTuple):
