@@ -67,7 +67,7 @@ def main() -> None:
             env.render(states[0])  # builds the renderer (imports matplotlib, loads fonts)
             blit = best_ms(lambda s, env=env: env.render(s), states)
             frames = render_rollout(env, states)
-            env._renderer.blit = False  # the peer: same renderer, whole figure per frame
+            env._renderers[None].blit = False  # the peer: same renderer, whole figure per frame
             redraw = best_ms(lambda s, env=env: env.render(s), states)
             redrawn = render_rollout(env, states)
             # same pictures both ways (up to anti-aliasing at the edges of moving artists)

@@ -4,8 +4,9 @@ the iteration-time overhead of a run that a viewer follows.
 Frames: a real ``gradgym view`` server (subprocess) and a websocket client that counts the
 frames it receives at speed "max". Peers measured in the same run, in this process: the
 task's renderer alone (MuJoCo's EGL renderer, the matplotlib renderer for each of the 16
-members of a grid) and JPEG encoding alone; and, for the WebGL alternative, what streaming
-scene state would cost (``mj_forward`` + body poses) per frame.
+members of a grid, at the viewer's tile size and at full size) and JPEG encoding alone; and,
+for the WebGL alternative, what streaming scene state would cost (``mj_forward`` + body
+poses) per frame.
 
 Follow overhead: the same ``gradgym run`` config in this process, unfollowed and followed (a
 fresh follow marker: the run writes its best plan so far once a second), alternated; the
@@ -35,6 +36,7 @@ from PIL import Image
 from websockets.sync.client import connect
 
 import gradgym
+from gradgym.platform.viewer.session import parse_frame_message, tile_size
 
 
 def delivered_fps(env_args: list[str], grid: int, seconds: float) -> tuple[float, int]:
@@ -65,24 +67,25 @@ def delivered_fps(env_args: list[str], grid: int, seconds: float) -> tuple[float
 
 
 def _header(message: bytes) -> dict:
-    from gradgym.platform.viewer.session import parse_frame_message
-
     return parse_frame_message(message)[0]
 
 
-def render_alone_fps(name: str, members: int, seconds: float, **kwargs) -> tuple[float, float]:
-    """(frames/s of rendering ``members`` states per frame, JPEG encode ms of such a frame)."""
+def render_alone_fps(name: str, members: int, seconds: float, full_size: bool = False,
+                     **kwargs) -> tuple[float, float]:
+    """(frames/s of rendering ``members`` states per frame, JPEG encode ms of such a frame);
+    a grid's members at the viewer's tile size, or at the env's own size (``full_size``)."""
     env = gradgym.make(name, backend="numpy", **kwargs)
     state = env.reset(0, batch=members)
-    tiles = [env.render(state, i) for i in range(members)]
+    side = int(members ** 0.5)
+    size = None if full_size or side == 1 else tile_size(env.render(state, 0).shape[1], side)
+    tiles = [env.render(state, i, size) for i in range(members)]
     frames, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         action = np.random.uniform(-1, 1, (members, env.spec.act_dim)).astype(np.float32)
         state, *_ = env.step(state, action)
-        tiles = [env.render(state, i) for i in range(members)]
+        tiles = [env.render(state, i, size) for i in range(members)]
         frames += 1
     fps = frames / (time.perf_counter() - started)
-    side = int(members ** 0.5)
     image = np.concatenate([np.concatenate(tiles[r * side:(r + 1) * side], 1) for r in range(side)], 0)
     started = time.perf_counter()
     for _ in range(20):
@@ -186,8 +189,8 @@ def frame_rates(seconds: float) -> None:
     # (render_effects=false, its default); the last MuJoCo line is the full-quality renderer.
     cases = [("HalfCheetah-v5 480x480", [], "HalfCheetah-v5", 1, 30),
              ("HalfCheetah-v5 480x480 + effects", ["render_effects=true"], "HalfCheetah-v5", 1, 30),
-             ("Pendulum 4x4 grid (16x256x256)", [], "Pendulum", 16, 15),
-             ("CartPole 4x4 grid (16x256x256)", [], "CartPole", 16, 15)]
+             ("Pendulum 4x4 grid (16x128x128)", [], "Pendulum", 16, 15),
+             ("CartPole 4x4 grid (16x128x128)", [], "CartPole", 16, 15)]
     for label, extra, name, grid, target in cases:
         page, size = delivered_fps([name, *extra], grid, seconds)
         kwargs = {"render_effects": "effects" in label} if "-v5" in name else {}
@@ -195,6 +198,10 @@ def frame_rates(seconds: float) -> None:
         verdict = "met" if page >= target else "MISSED"
         print(f"{label:<34}{page:>14.1f}{alone:>14.1f}{page / alone:>7.2f}{jpeg_ms:>9.2f}"
               f"{size / 1024:>10.1f}  >= {target} {verdict}")
+    for name in ("Pendulum", "CartPole"):
+        alone, jpeg_ms = render_alone_fps(name, 16, seconds, full_size=True)
+        print(f"{name} 4x4 grid at full size (16x256x256, as the viewer drew grids before): "
+              f"render alone {alone:.1f} frames/s, jpeg of 1024x1024 {jpeg_ms:.2f} ms")
     us, size = scene_state_cost("HalfCheetah-v5")
     print(f"scene state instead of pixels (HalfCheetah-v5): {us:.0f} µs and {size / 1024:.1f} KB "
           "per frame on the server")

@@ -324,6 +324,8 @@ def test_render_each_kind_of_camera(name):
     frame = env.render(state, 0)
     assert frame.shape == (48, 64, 3) and frame.std() > 5.0
     assert env.render(state, 0) is not frame  # a fresh array each time, same renderer
+    small = env.render(state, 0, size=32)  # a frame size keeps the aspect ratio
+    assert small.shape == (24, 32, 3) and small.std() > 5.0
 
 
 # ----------------------------------------------------------------------------- Gymnasium adapter

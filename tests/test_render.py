@@ -56,6 +56,30 @@ def test_frame_shape_dtype_not_blank_and_follows_the_state(name, kwargs):
 
 
 @pytest.mark.parametrize(("name", "kwargs"), ENV_CASES, ids=CASE_IDS)
+def test_a_frame_size_draws_the_same_scene_scaled(name, kwargs):
+    """A smaller frame (a grid's tiles in ``gradgym view``) is the full-size frame scaled down,
+    up to anti-aliasing and pixel snapping: far closer to it than to another state's frame."""
+    from PIL import Image
+
+    env = gradgym.make(name, dtype="float64", **kwargs)
+    state = env.reset(3, batch=2)
+
+    def downscaled(index, size):
+        frame = Image.fromarray(env.render(state, index))
+        return np.asarray(frame.resize((size, size), Image.BOX)).astype(int)
+
+    for size in (128, 101):
+        small = env.render(state, 0, size)
+        assert small.shape == (size, size, 3) and small.dtype == np.uint8
+        same = np.abs(small - downscaled(0, size)).mean()
+        other = np.abs(small - downscaled(1, size)).mean()
+        assert same < 3.0 and same < 0.5 * other, (size, same, other)
+    assert env.render(state, 0, FRAME_SIZE).tobytes() == env.render(state, 0).tobytes()
+    with pytest.raises(ValueError, match="frame size"):
+        env.render(state, 0, 8)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), ENV_CASES, ids=CASE_IDS)
 def test_frame_shows_the_reward_color(name, kwargs):
     env = gradgym.make(name, dtype="float64", **kwargs)
     state = env.reset(1, batch=1)
@@ -84,14 +108,16 @@ def test_every_backend_draws_the_numpy_frame(backend):
     np.testing.assert_array_equal(env.render(env.as_state(state), 2), numpy_env.render(state, 2))
 
 
+PAGING_CASES = [  # a task whose window pages along, and a move of its state to another page
+    ("CartPole", lambda s: s._replace(x=np.array([25.0]))),
+    ("MountainCar", lambda s: s._replace(x=np.array([7.0]))),
+    ("Swimmer", lambda s: s._replace(xy=np.array([[9.0, -6.0]]))),
+]
+
+
 def test_objects_that_leave_the_window_stay_in_view():
     """Cart, car and fish far from the origin: the window pages along instead of losing them."""
-    cases = [
-        ("CartPole", lambda s: s._replace(x=np.array([25.0]))),
-        ("MountainCar", lambda s: s._replace(x=np.array([7.0]))),
-        ("Swimmer", lambda s: s._replace(xy=np.array([[9.0, -6.0]]))),
-    ]
-    for name, move in cases:
+    for name, move in PAGING_CASES:
         env = gradgym.make(name, dtype="float64")
         state = env.reset(0, batch=1)
         home, away = env.render(state), env.render(move(state))
@@ -99,6 +125,17 @@ def test_objects_that_leave_the_window_stay_in_view():
         assert drawn_fraction(away) > 0.005
         # coming back redraws the original window exactly
         np.testing.assert_array_equal(env.render(state), home)
+
+
+def test_states_in_different_pages_drawn_in_turn_match_a_fresh_renderer():
+    """One renderer keeps a background per window page (a grid's members in different pages,
+    drawn in turn): every frame is the one a fresh renderer draws for that state alone."""
+    for name, move in PAGING_CASES:
+        env = gradgym.make(name, dtype="float64")
+        home = env.reset(0, batch=1)
+        states = [home, move(home), home, move(home)]
+        for state, frame in zip(states, [env.render(s) for s in states], strict=True):
+            np.testing.assert_array_equal(frame, gradgym.make(name, dtype="float64").render(state))
 
 
 def test_render_index_out_of_range():

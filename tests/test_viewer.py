@@ -374,8 +374,9 @@ def test_mujoco_frames_without_effects_still_show_the_state():
     frame, other = plain.render(state, 0), plain.render(moved, 0)
     assert frame.shape == full.render(state, 0).shape and not_blank(frame)
     assert differs(frame.astype(int), other.astype(int))
-    assert plain._renderer.model.vis.quality.offsamples == 0  # no multisampling
-    assert not any(plain._renderer.renderer.scene.flags[flag] for flag in plain._renderer.flags_off)
+    renderer = plain._renderers[None]
+    assert renderer.model.vis.quality.offsamples == 0  # no multisampling
+    assert not any(renderer.renderer.scene.flags[flag] for flag in renderer.flags_off)
 
 
 def test_a_policy_replay_acts_like_the_pipelines_policy():
@@ -409,3 +410,26 @@ def test_actions_from_a_run_fit_only_that_runs_env(tmp_path):
         resolve_target("Pendulum", run=str(record.folder))
     with pytest.raises(ViewerError, match=r"\{'num_joints': 3\}, not Reacher with \{'num_joints': 2\}"):
         resolve_target("Reacher", ["num_joints=2"], run=str(record.folder))
+
+
+def test_a_grid_draws_its_members_small_into_the_picture_it_sends():
+    """A 4x4 grid of a classic task: 16 members drawn 128 px wide into one 512 px picture
+    (not 16 full-size frames shrunk afterwards); each tile is its member's frame."""
+    from gradgym.platform.viewer.session import GRID_WIDTH, Session, tile_size
+    from gradgym.platform.viewer.target import ViewTarget
+
+    assert [tile_size(256, side) for side in (2, 3, 4)] == [None, 170, 128]
+    assert tile_size(64, 4) is None  # never drawn larger than the member's own frame
+    session = Session(ViewTarget("CartPole"))
+    session.command({"cmd": "grid", "value": 16})
+    header, jpeg = parse_frame_message(session.next_frame())
+    picture = np.asarray(Image.open(io.BytesIO(jpeg))).astype(int)
+    assert header["grid"] == 16 and picture.shape == (GRID_WIDTH, GRID_WIDTH, 3)
+    for member in (0, 6, 15):
+        row, column = divmod(member, 4)
+        tile = picture[row * 128:(row + 1) * 128, column * 128:(column + 1) * 128]
+        frame = session._env.render(session._state, member, 128)
+        assert np.abs(tile - frame).mean() < 4.0  # the same picture, up to JPEG
+        other = session._env.render(session._state, (member + 1) % 16, 128)
+        assert np.abs(tile - other).mean() > 2 * np.abs(tile - frame).mean()
+    session.close()

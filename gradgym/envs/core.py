@@ -91,8 +91,13 @@ class Task:
         """Which states end their episode; the classic tasks never terminate."""
         return backend.falses(self.batch_shape(state))
 
-    def make_renderer(self) -> "Renderer":
-        """A renderer that draws states of this task (created once per env)."""
+    def make_renderer(self, size: int | None = None) -> "Renderer":
+        """A renderer that draws states of this task (created once per env and size).
+
+        Args:
+            size: frame width in pixels (the height keeps the task's aspect ratio); ``None``:
+                the task's own frame size.
+        """
         raise NotImplementedError
 
 
@@ -132,7 +137,7 @@ class Env:
             backend=backend.name,
             dtype=backend.dtype_name,
         )
-        self._renderer: Renderer | None = None
+        self._renderers: dict[int | None, Renderer] = {}  # by frame size
 
     def __repr__(self) -> str:
         return f"Env({self.task!r}, backend={self.backend.name!r}, dtype={self.spec.dtype!r})"
@@ -197,17 +202,26 @@ class Env:
             )
         return build(self.backend, qpos, qvel)
 
-    def render(self, state: Any, index: int = 0) -> np.ndarray:
-        """An ``H x W x 3`` uint8 frame of state ``index`` of the batch, colored by reward."""
+    def render(self, state: Any, index: int = 0, size: int | None = None) -> np.ndarray:
+        """An ``H x W x 3`` uint8 frame of state ``index`` of the batch, colored by reward.
+
+        Args:
+            size: frame width in pixels, >= 16 (the same scene, scaled; the height keeps the
+                task's aspect ratio); ``None``: the task's own size (256 for the classic tasks,
+                ``width`` x ``height`` for MuJoCo's).
+        """
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 16):
+            raise ValueError(f"frame size must be an int >= 16 pixels or None, got {size!r}")
         batch = self.task.batch_shape(state)
-        size = batch[0] if batch else 1
-        if not -size <= index < size:
-            raise IndexError(f"index {index} is out of range for a batch of {size}")
+        members = batch[0] if batch else 1
+        if not -members <= index < members:
+            raise IndexError(f"index {index} is out of range for a batch of {members}")
         single = type(state)(*(to_numpy(leaf)[index] if batch else to_numpy(leaf) for leaf in state))
         reward = float(to_numpy(self.task.reward(np, _numpy_state(self.task, single))))
-        if self._renderer is None:
-            self._renderer = self.task.make_renderer()
-        return self._renderer.draw(single, reward)
+        renderer = self._renderers.get(size)
+        if renderer is None:
+            renderer = self._renderers[size] = self.task.make_renderer(size)
+        return renderer.draw(single, reward)
 
     def _check_action(self, state: Any, action: Any) -> None:
         # Shapes and dtypes are static (also under jit tracing): checking them costs no

@@ -127,9 +127,9 @@ class IvyEnv:
         """Convert a state of any backend's (or ivy's) arrays to ivy's current backend."""
         return self._wrap(self.native_env().as_state(_map(_data, state)))
 
-    def render(self, state: Any, index: int = 0) -> np.ndarray:
-        """An ``H x W x 3`` uint8 frame of entry ``index``."""
-        return self.native_env().render(_map(_data, state), index)
+    def render(self, state: Any, index: int = 0, size: int | None = None) -> np.ndarray:
+        """An ``H x W x 3`` uint8 frame of entry ``index`` (``size``: see :meth:`Env.render`)."""
+        return self.native_env().render(_map(_data, state), index, size)
 
     def _wrap(self, value: Any) -> Any:
         return _map(self.ivy.Array, value)

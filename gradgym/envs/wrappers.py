@@ -90,9 +90,9 @@ class TimeLimit:
         """The reward ``[B]`` of a state."""
         return self.env.reward(state.env_state)
 
-    def render(self, state: TimeLimitState, index: int = 0) -> np.ndarray:
-        """An ``H x W x 3`` uint8 frame of entry ``index``."""
-        return self.env.render(state.env_state, index)
+    def render(self, state: TimeLimitState, index: int = 0, size: int | None = None) -> np.ndarray:
+        """An ``H x W x 3`` uint8 frame of entry ``index`` (``size``: see :meth:`Env.render`)."""
+        return self.env.render(state.env_state, index, size)
 
 
 class VecEnv:
@@ -162,11 +162,11 @@ class VecEnv:
         next_obs = self.time_limit.observe(self.state)
         return next_obs, reward, terminated, truncated, {"final_obs": obs}
 
-    def render(self, index: int = 0) -> np.ndarray:
-        """An ``H x W x 3`` uint8 frame of episode ``index``."""
+    def render(self, index: int = 0, size: int | None = None) -> np.ndarray:
+        """An ``H x W x 3`` uint8 frame of episode ``index`` (``size``: see :meth:`Env.render`)."""
         if self.state is None:
             raise RuntimeError("VecEnv.render called before reset(); call envs.reset(seed) first")
-        return self.time_limit.render(self.state, index)
+        return self.time_limit.render(self.state, index, size)
 
     def _next_rng(self) -> Any:
         # numpy and torch generators advance as they draw; a jax key must be split.

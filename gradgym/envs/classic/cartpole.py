@@ -91,8 +91,8 @@ class CartPole(Task):
     def reward(self, xp: Any, state: CartPoleState) -> Any:
         return xp.exp(-state.x**2) * (xp.cos(state.angle) + 1.0) / 2.0
 
-    def make_renderer(self) -> CartPoleRenderer:
-        return CartPoleRenderer(self)
+    def make_renderer(self, size: int | None = None) -> CartPoleRenderer:
+        return CartPoleRenderer(self, size)
 
 
 class CartPoleRenderer(CanvasRenderer):
@@ -106,9 +106,9 @@ class CartPoleRenderer(CanvasRenderer):
     half_width = 2.0
     cart_size = (0.5, 0.25)
 
-    def __init__(self, task: CartPole):
+    def __init__(self, task: CartPole, size: int | None = None):
         self.pole_length = 2.0 * task.pole_half_length
-        super().__init__(self._window(0.0))
+        super().__init__(self._window(0.0), size)
 
     def _window(self, center: float) -> View:
         h = self.half_width

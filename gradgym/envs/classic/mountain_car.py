@@ -69,8 +69,8 @@ class MountainCar(Task):
     def reward(self, xp: Any, state: MountainCarState) -> Any:
         return xp.exp(-5.0 * (state.x - self.goal_x) ** 2)
 
-    def make_renderer(self) -> MountainCarRenderer:
-        return MountainCarRenderer(self)
+    def make_renderer(self, size: int | None = None) -> MountainCarRenderer:
+        return MountainCarRenderer(self, size)
 
 
 def track_height(x: Any) -> Any:
@@ -90,9 +90,9 @@ class MountainCarRenderer(CanvasRenderer):
     origin = -0.3
     car_length, car_height, wheel_radius = 0.16, 0.06, 0.022
 
-    def __init__(self, task: MountainCar):
+    def __init__(self, task: MountainCar, size: int | None = None):
         self.goal_x = task.goal_x
-        super().__init__(self._window(self.origin))
+        super().__init__(self._window(self.origin), size)
 
     def _window(self, center: float) -> View:
         half = self.width / 2

@@ -75,16 +75,16 @@ class Pendulum(Task):
     def reward(self, xp: Any, state: PendulumState) -> Any:
         return (xp.cos(state.angle) + 1.0) / 2.0
 
-    def make_renderer(self) -> PendulumRenderer:
-        return PendulumRenderer(self)
+    def make_renderer(self, size: int | None = None) -> PendulumRenderer:
+        return PendulumRenderer(self, size)
 
 
 class PendulumRenderer(CanvasRenderer):
     """The rod swinging about its pivot; the bob is colored by the reward."""
 
-    def __init__(self, task: Pendulum):
+    def __init__(self, task: Pendulum, size: int | None = None):
         self.length = task.length
-        super().__init__(square_view(1.35 * task.length))
+        super().__init__(square_view(1.35 * task.length), size)
 
     def build(self, ax: Any) -> None:
         from matplotlib.patches import Circle

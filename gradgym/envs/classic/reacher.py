@@ -87,17 +87,17 @@ class Reacher(Task):
     def reward(self, xp: Any, state: ReacherState) -> Any:
         return xp.exp(-xp.sum((self.tip(xp, state) - state.goal) ** 2, axis=-1))
 
-    def make_renderer(self) -> ReacherRenderer:
-        return ReacherRenderer(self)
+    def make_renderer(self, size: int | None = None) -> ReacherRenderer:
+        return ReacherRenderer(self, size)
 
 
 class ReacherRenderer(CanvasRenderer):
     """The n-link arm (unit links, absolute angles) and the goal; the arm is colored by the
     reward. The dashed circle is the arm's reach (radius n)."""
 
-    def __init__(self, task: Reacher):
+    def __init__(self, task: Reacher, size: int | None = None):
         self.num_joints = task.num_joints
-        super().__init__(square_view(task.num_joints + 0.6))
+        super().__init__(square_view(task.num_joints + 0.6), size)
 
     def build(self, ax: Any) -> None:
         from matplotlib.patches import Circle

@@ -21,7 +21,14 @@ import numpy as np
 
 from gradgym.envs.backends import Backend
 from gradgym.envs.core import Task
-from gradgym.envs.rendering import INK, CanvasRenderer, View, page_center, square_view
+from gradgym.envs.rendering import (
+    FIGURE_INCHES,
+    INK,
+    CanvasRenderer,
+    View,
+    page_center,
+    square_view,
+)
 
 
 class SwimmerState(NamedTuple):
@@ -84,8 +91,8 @@ class Swimmer(Task):
         urchin_dist2 = xp.sum((state.xy[..., None, :] - state.urchins) ** 2, axis=-1)
         return goal_term * xp.prod(1.0 - xp.exp(-30.0 * urchin_dist2), axis=-1)
 
-    def make_renderer(self) -> SwimmerRenderer:
-        return SwimmerRenderer(self)
+    def make_renderer(self, size: int | None = None) -> SwimmerRenderer:
+        return SwimmerRenderer(self, size)
 
 
 class SwimmerRenderer(CanvasRenderer):
@@ -98,13 +105,13 @@ class SwimmerRenderer(CanvasRenderer):
     fish_length = 0.22
     urchin_radius = 0.13  # where an urchin's factor 1 - exp(-30 d^2) reaches ~0.4
 
-    def __init__(self, task: Swimmer):
-        super().__init__(square_view(self.half_width))
+    def __init__(self, task: Swimmer, size: int | None = None):
+        super().__init__(square_view(self.half_width), size)
 
     def build(self, ax: Any) -> None:
         from matplotlib.patches import Ellipse, Polygon
 
-        points_per_unit = self.size * 72.0 / 100.0 / (2 * self.half_width)
+        points_per_unit = FIGURE_INCHES * 72.0 / (2 * self.half_width)
         diameter = 2 * self.urchin_radius * points_per_unit
         self.urchins = ax.scatter(np.zeros(0), np.zeros(0), s=diameter**2, marker=(12, 2, 0),
                                   c="#5b2a86", linewidths=1.2, animated=True)

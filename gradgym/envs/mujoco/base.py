@@ -221,8 +221,11 @@ class MujocoTask(Task):
         return xp.reshape(part, tuple(readouts.shape[:-1]) + tuple(physics.readout_shapes[name]))
 
     # ------------------------------------------------------------------ rendering
-    def make_renderer(self) -> MujocoRenderer:
-        return MujocoRenderer(self.physics.model, self.width, self.height, self.camera,
+    def make_renderer(self, size: int | None = None) -> MujocoRenderer:
+        width, height = self.width, self.height
+        if size is not None:
+            width, height = size, max(1, round(size * self.height / self.width))
+        return MujocoRenderer(self.physics.model, width, height, self.camera,
                               effects=self.render_effects)
 
 

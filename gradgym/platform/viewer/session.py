@@ -25,6 +25,10 @@ GRID_SIZES = (1, 4, 9, 16)
 MAX_SPEED = 0.0  # speed 0 in a command: as fast as the server can render
 JPEG_QUALITY = 80
 MAX_SENT_WIDTH = 960  # the page shows frames 480 px wide: twice that stays sharp on HiDPI
+GRID_WIDTH = 512
+"""Width a grid's picture is drawn at: its members are drawn ``GRID_WIDTH // side`` px wide
+(at most their own width), not full size and then shrunk. A 4x4 grid of the classic tasks'
+256 px frames was halved to 512 px before sending anyway."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,14 @@ def parse_frame_message(message: bytes) -> tuple[dict[str, Any], bytes]:
     return json.loads(message[4:4 + length]), message[4 + length:]
 
 
+def tile_size(own_width: int, side: int) -> int | None:
+    """The frame width (``Env.render``'s ``size``) of the members of a ``side`` x ``side``
+    grid whose frames are ``own_width`` px wide at the env's own size: ``GRID_WIDTH // side``,
+    or ``None`` (their own size) where that is no smaller."""
+    size = GRID_WIDTH // side
+    return None if own_width <= size else size
+
+
 class Session:
     """The state of one page: what plays, how fast, from which seed, with which actions."""
 
@@ -74,6 +86,7 @@ class Session:
         self._commands: deque[dict[str, Any]] = deque()
         self._needs_frame = True  # the first frame, and a frame after every command
         self._env: Any = None
+        self._own_width: int | None = None  # width of a member's frame at the env's own size
 
     # ------------------------------------------------------------------ event loop side
     def command(self, message: dict[str, Any]) -> None:
@@ -192,15 +205,24 @@ class Session:
         """The members' frames side by side, drawn straight into one picture."""
         env, batch = self._env, self._env.task.batch_shape(self._state)[0]
         side = math.isqrt(len(self._members))
+        size = self._tile_size(side)
         picture = None
         for position, member in enumerate(self._members):
-            frame = env.render(self._state, int(member % batch))
+            frame = env.render(self._state, int(member % batch), size)
             height, width = frame.shape[:2]
             if picture is None:
                 picture = np.empty((side * height, side * width, 3), np.uint8)
             row, column = divmod(position, side)
             picture[row * height:(row + 1) * height, column * width:(column + 1) * width] = frame
         return picture
+
+    def _tile_size(self, side: int) -> int | None:
+        """The width members are drawn at in a ``side`` x ``side`` grid (see :func:`tile_size`)."""
+        if side == 1:
+            return None
+        if self._own_width is None:
+            self._own_width = self._env.render(self._state, 0).shape[1]
+        return tile_size(self._own_width, side)
 
     @staticmethod
     def _encode(picture: np.ndarray) -> bytes:
