@@ -397,12 +397,27 @@ def _left_running(processes: list, timeout: float) -> list:
     return left
 
 
-def _ports(processes: list) -> set[int]:
+def _listeners(ports: set[int] | None = None) -> dict[int, int]:
+    """Listening TCP sockets: ``{port: pid}`` (only ``ports``, if given)."""
     import psutil
 
-    pids = {proc.pid for proc in processes}
-    return {c.laddr.port for c in psutil.net_connections("inet")
-            if c.status == psutil.CONN_LISTEN and c.pid in pids}
+    return {c.laddr.port: c.pid for c in psutil.net_connections("inet")
+            if c.status == psutil.CONN_LISTEN and (ports is None or c.laddr.port in ports)}
+
+
+def _held_since(ports: set[int], since: float) -> dict[int, int]:
+    """Which of ``ports`` a process started before ``since`` (epoch s) listens on; a process
+    started later may reuse one of Ray's fixed default ports (another test's Ray)."""
+    import psutil
+
+    held = {}
+    for port, pid in _listeners(ports).items():
+        try:
+            if pid is None or psutil.Process(pid).create_time() < since:
+                held[port] = pid
+        except psutil.NoSuchProcess:
+            pass
+    return held
 
 
 @pytest.mark.slow
@@ -414,12 +429,14 @@ def test_11_a_sweep_driver_killed_alone_leaves_no_ray_process(tmp_path):
                             tmp_path / "sweep.log", **_delay(0.2))
     try:
         ray = _ray_of(process, tmp_path / "sweeps/orphans/trials/00000")
-        ports = _ports(ray)
+        pids = {proc.pid for proc in ray}
+        ports = {port for port, pid in _listeners().items() if pid in pids}
         assert ports, "Ray listens on loopback ports"
+        killed_at = time.time()
         process.kill()
         process.wait(timeout=30)
         assert not _left_running(ray, timeout=20)
-        assert not [port for port in ports if _listening(port)]
+        assert not _held_since(ports, killed_at)
     finally:
         stop_process_group(process)
 
