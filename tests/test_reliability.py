@@ -355,3 +355,112 @@ def test_chaos_benchmark_short_form_loses_nothing(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "target met" in result.stdout
+
+
+# ---------------------------------------------------------------------- 11: Ray dies with its driver
+
+def _slow_sweep(tmp_path: Path, name: str, tracking: str = "tracking.enabled: false") -> Path:
+    """A sweep of one slow config (its iterations delayed), on a local Ray of one CPU."""
+    sweep = tmp_path / f"{name}.yaml"
+    sweep.write_text(f"name: {name}\nnum_cpus: 1\nexperiment: {name}\n"
+                     "overrides: {pipeline: cem, backend: numpy, env: Pendulum, pipeline.iters: 400, "
+                     "pipeline.horizon: 10, pipeline.batch: 2, pipeline.population: 8, "
+                     f"pipeline.elites: 2, pipeline.render: false, {tracking}}}\n")
+    return sweep
+
+
+def _ray_of(process: subprocess.Popen, trial: Path) -> list:
+    """The processes of the local Ray a sweep driver started, once its trial runs."""
+    import psutil
+
+    _wait_for(lambda: (trial / METRICS_FILE).is_file() and len(_lines(trial)) >= 2, 240,
+              "the trial did not start")
+    ray = psutil.Process(process.pid).children(recursive=True)
+    names = {child.name() for child in ray}
+    assert {"gcs_server", "raylet"} <= names, names
+    return ray
+
+
+def _left_running(processes: list, timeout: float) -> list:
+    """``processes`` still running (not zombies) after waiting up to ``timeout`` s; kills them."""
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    left = []
+    for proc in alive:
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{proc.pid} {proc.name()}")
+                proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+def _listeners(ports: set[int] | None = None) -> dict[int, int]:
+    """Listening TCP sockets: ``{port: pid}`` (only ``ports``, if given)."""
+    import psutil
+
+    return {c.laddr.port: c.pid for c in psutil.net_connections("inet")
+            if c.status == psutil.CONN_LISTEN and (ports is None or c.laddr.port in ports)}
+
+
+def _held_since(ports: set[int], since: float) -> dict[int, int]:
+    """Which of ``ports`` a process started before ``since`` (epoch s) listens on; a process
+    started later may reuse one of Ray's fixed default ports (another test's Ray)."""
+    import psutil
+
+    held = {}
+    for port, pid in _listeners(ports).items():
+        try:
+            if pid is None or psutil.Process(pid).create_time() < since:
+                held[port] = pid
+        except psutil.NoSuchProcess:
+            pass
+    return held
+
+
+@pytest.mark.slow
+def test_11_a_sweep_driver_killed_alone_leaves_no_ray_process(tmp_path):
+    """``kill -9`` of the driver alone (not its group): every process of the local Ray it
+    started is gone within seconds, and nothing listens on their ports (Ray's agents alone
+    linger for a minute)."""
+    process = start_gradgym(["sweep", str(_slow_sweep(tmp_path, "orphans"))], tmp_path,
+                            tmp_path / "sweep.log", **_delay(0.2))
+    try:
+        ray = _ray_of(process, tmp_path / "sweeps/orphans/trials/00000")
+        pids = {proc.pid for proc in ray}
+        ports = {port for port, pid in _listeners().items() if pid in pids}
+        assert ports, "Ray listens on loopback ports"
+        killed_at = time.time()
+        process.kill()
+        process.wait(timeout=30)
+        assert not _left_running(ray, timeout=20)
+        assert not _held_since(ports, killed_at)
+    finally:
+        stop_process_group(process)
+
+
+@pytest.mark.slow
+def test_11_when_rays_core_dies_the_sweep_ends_failed_at_once(tmp_path, mlflow_server):
+    """Ray's GCS killed mid-sweep: the driver stops within seconds (not after Ray's 60 s
+    reconnection timeout), its parent run ends FAILED, its trial's run KILLED, and no Ray
+    process is left."""
+    sweep = _slow_sweep(tmp_path, "raydeath", f"tracking.uri: '{mlflow_server.uri}', "
+                        "tracking.flush_every_s: 0.2")
+    process = start_gradgym(["sweep", str(sweep)], tmp_path, tmp_path / "sweep.log", **_delay(0.2))
+    try:
+        ray = _ray_of(process, tmp_path / "sweeps/raydeath/trials/00000")
+        (gcs,) = [proc for proc in ray if proc.name() == "gcs_server"]
+        gcs.kill()
+        code = process.wait(timeout=45)
+        assert not _left_running(ray, timeout=20)
+    finally:
+        stop_process_group(process)
+    log = (tmp_path / "sweep.log").read_text()
+    assert code == 1 and "gcs_server" in log and "--resume raydeath" in log, log[-3000:]
+    client = MlflowClient(mlflow_server.uri)
+    parent = json.loads((tmp_path / "sweeps/raydeath/parent.json").read_text())
+    assert client.get_run(parent["run_id"]).info.status == "FAILED"
+    trial = json.loads((tmp_path / "sweeps/raydeath/trials/00000/summary.json").read_text())
+    assert trial["status"] == "KILLED"

@@ -17,7 +17,8 @@ per trial (1: no packing); packs are split further when there are fewer of them 
 slots, so that no CPU idles.
 
 Ray: with ``RAY_ADDRESS`` set the sweep runs on that cluster unchanged; otherwise on a local
-Ray bound to 127.0.0.1. Trials are idempotent: a config whose folder already holds a
+Ray bound to 127.0.0.1 whose processes all end with the driver, however it ends, and whose
+core's death ends the sweep at once (:mod:`gradgym.platform.local_ray`). Trials are idempotent: a config whose folder already holds a
 finished run is not run again, and a retried or resumed trial continues its configs' MLflow
 runs without logging any iteration twice. A trial that crashes is retried as a whole (its
 unfinished configs), up to ``max_failures`` times.
@@ -32,12 +33,14 @@ import os
 import pwd
 import shutil
 import stat
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 from ray.tune import Callback
@@ -56,8 +59,15 @@ from gradgym.platform.config import (
     trial_layers,
     trial_run_configs,
 )
+from gradgym.platform.local_ray import LocalRay
 from gradgym.platform.records import RunRecord, read_json, write_json
-from gradgym.platform.runner import can_run_packs, pack_group, planned_iterations, settle_run
+from gradgym.platform.runner import (
+    can_run_packs,
+    pack_group,
+    planned_iterations,
+    settle_dead_run,
+    settle_run,
+)
 from gradgym.platform.tracking import TrackingError
 
 SWEEP_FILE = "sweep.yaml"
@@ -305,10 +315,11 @@ def _run(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any] | Future, r
     from ray import tune
 
     _quiet_tune()
-    started_ray = _init_ray(cfg)
-    try:
+    with _ray(cfg) as local_ray:
         if isinstance(parent, Future):
             parent = parent.result()
+        if local_ray is not None:
+            local_ray.on_core_death(lambda what: _ray_died(cfg, sweep_dir, parent, local_ray, what))
         try:
             # A cluster's autoscaler may add the node a trial needs; a local Ray has what it has.
             check_resources(cfg, wait_s=CLUSTER_RESOURCE_WAIT_S if os.environ.get("RAY_ADDRESS") else 0.0)
@@ -360,11 +371,6 @@ def _run(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any] | Future, r
         outcome = _finish(cfg, sweep_dir, parent, results)
         outcome.fit_wall_s = fit_wall_s
         return outcome
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
 
 
 def _quiet_tune() -> None:
@@ -406,27 +412,60 @@ def trial_run_name(cfg: DictConfig, swept: Sequence[str]) -> str:
     return " ".join(parts)
 
 
-def _init_ray(cfg: DictConfig) -> bool:
-    """Connect to ``$RAY_ADDRESS`` or start a local Ray on 127.0.0.1; True if started here."""
+@contextmanager
+def _ray(cfg: DictConfig) -> Iterator[LocalRay | None]:
+    """Ray for the sweep, for the ``with`` block: ``$RAY_ADDRESS``'s cluster, or a local Ray on
+    127.0.0.1 (yielded) whose processes all end with this one, however it ends. What is
+    started or connected here is stopped or disconnected at the end."""
     import ray
 
     if ray.is_initialized():
-        return False
+        yield None
+        return
     # gradgym's own settings (GRADGYM_*, e.g. GRADGYM_FAULTS) reach every worker, also
     # workers a cluster starts from another environment.
     env_vars = {k: v for k, v in os.environ.items() if k.startswith(GRADGYM_VARIABLES)}
     env_vars["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", TRIAL_XLA_FLAGS)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env_vars})  # that cluster, unchanged
-        return True
+        try:
+            yield None
+        finally:
+            ray.shutdown()
+        return
     _local_only_ray()
-    # address="local": a new instance, even if `ray start` left a cluster on this machine.
-    # Trials' own output stays in Ray's logs (log_to_driver=False): the terminal shows the
-    # sweep's progress bar; a failed config's error is in its summary and the final report.
-    ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
-             object_store_memory=LOCAL_OBJECT_STORE_BYTES, runtime_env={"env_vars": env_vars},
-             logging_level=logging.WARNING, log_to_driver=False)
-    return True
+    local = LocalRay()
+    try:
+        # A new instance (LocalRay: address="local"), even if `ray start` left a cluster on
+        # this machine. Trials' own output stays in Ray's logs (log_to_driver=False): the
+        # terminal shows the sweep's progress bar; a failed config's error is in its summary
+        # and the final report.
+        local.start(num_cpus=cfg.num_cpus, include_dashboard=False,
+                    object_store_memory=LOCAL_OBJECT_STORE_BYTES, runtime_env={"env_vars": env_vars},
+                    logging_level=logging.WARNING, log_to_driver=False)
+        yield local
+    finally:
+        local.shutdown()
+
+
+def _ray_died(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any], local_ray: LocalRay,
+              what: str) -> NoReturn:
+    """Ray's core died under the sweep (in the thread that noticed): stop what is left of that
+    Ray, end the trials' runs KILLED and the parent run FAILED, and exit. The driver cannot go
+    on without its GCS or raylet; Ray itself would abort it after a 60 s timeout, leaving
+    every run RUNNING."""
+    print(f"\ngradgym sweep: Ray's core process died: {what}; the sweep stops (its MLflow "
+          f"parent run ends FAILED); finish it with `gradgym sweep --resume {cfg.name}`",
+          file=sys.stderr, flush=True)
+    local_ray.stop_processes()
+    for folder in sorted((sweep_dir / TRIALS_DIR).glob("*")):
+        try:
+            settle_dead_run(folder)
+        except Exception as err:  # noqa: BLE001 - the next settle or resume ends it
+            logging.getLogger(__name__).warning("could not settle trial %s: %s", folder.name, err)
+    if parent:
+        _end_parent(cfg, parent, "FAILED")
+    os._exit(1)
 
 
 def _local_only_ray() -> None:
