@@ -773,6 +773,8 @@ def _collect(cfg: DictConfig, sweep_dir: Path, results: Any) -> tuple[list[dict]
     swept = [k for k in _swept_keys(cfg) if k not in _NAMED_FIRST]
     rows, curves = [], []
     for result in results:
+        if not result.config:  # a trial Tune made but never started (the sweep was stopped)
+            continue
         for member in result.config[PACK_PARAM]:
             row, history = _member_row(sweep_dir, member, result, swept)
             rows.append(row)
