@@ -79,5 +79,6 @@ HOST_XP.__dict__.update(
     memoize=True,
 )
 
-HOST_BACKEND = types.SimpleNamespace(xp=HOST_XP, falses=lambda shape: np.zeros(shape, dtype=bool))
+HOST_BACKEND = types.SimpleNamespace(
+    xp=HOST_XP, falses=lambda shape: np.False_ if shape == () else np.zeros(shape, dtype=bool))
 """What ``Task.terminated`` reads of a backend, on the host path."""

@@ -228,8 +228,10 @@ class MujocoGymEnv(MujocoEnv):
 
     def _info(self, state: MujocoState, previous: MujocoState | None,
               terms: dict[str, Any]) -> dict[str, Any]:
-        info = {key: as_scalar(value) for key, value in self.task.info(HOST_XP, state, previous).items()}
-        info.update((key, as_scalar(value)) for key, value in terms.items())
+        info = {**self.task.info(HOST_XP, state, previous), **terms}
+        for key, value in info.items():  # Gymnasium's values are scalars, not 0-d arrays
+            if type(value) is np.ndarray:
+                info[key] = as_scalar(value)
         for key, field in self._data_info.items():
             info[key] = getattr(self.data, field).copy()
         return info
