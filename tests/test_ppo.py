@@ -147,7 +147,7 @@ def test_bad_configs_are_rejected_before_any_work():
     assert iterations(PPOConfig(iters=3)) == 3
     # What the platform reads for progress bars and schedulers, from any pipeline's spec.
     assert get_pipeline("ppo").iterations(PPOConfig(env_steps=100_000)) == 48
-    assert get_pipeline("shac").iterations(SHACConfig(env_steps=204_800)) == 100
+    assert get_pipeline("shac").iterations(SHACConfig(env_steps=6_400)) == 100
     assert get_pipeline("policy").iterations(PolicyConfig(iters=7)) == 7
 
 

@@ -44,7 +44,7 @@ def optimize(
 
     Args:
         env: an env made with backend ``"jax"`` or ``"torch"`` (float32 or float64).
-        cfg: the pipeline config (defaults: the paper's, 64 envs, windows of 32 steps).
+        cfg: the pipeline config (defaults: 4 envs, windows of 16 steps; otherwise the paper's).
         seed: selects the weights and the start states.
         report: called with each iteration's metrics and once at the end (see ``base``).
 
