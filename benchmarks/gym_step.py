@@ -3,24 +3,31 @@
 Both sides are made with ``gymnasium.make`` (so both carry Gymnasium's default wrappers)
 and stepped with the same pre-drawn random actions, resetting on termination or
 truncation. A round times every contender of an id once, interleaved, so that load from
-other processes hits both; each figure is the best of ``--repeats`` rounds after a warm-up,
-in process CPU time (``time.process_time``: what a step costs, whatever else runs on the
-machine) and wall time. The target is a ratio gradgym / Gymnasium <= 1.0 for every id.
+other processes hits both; each figure is the best of ``--repeats`` short rounds after a
+warm-up, in process CPU time (``time.process_time``: what a step costs, whatever else runs on
+the machine). The target is a ratio gradgym / Gymnasium <= 1.0 for every id.
+
+For the MuJoCo ids a second pair of columns times the same steps with MuJoCo's engine
+calls (``mj_step``, ``mj_rnePostConstraint``) made no-ops: what each side spends outside
+the physics, which both share. On a shared machine this difference is far steadier than
+the whole step's ratio, whose physics part swings with the load.
 
 The MuJoCo ids are compared with the same Gymnasium id; the classic ids with Gymnasium's
 nearest classic-control env (different dynamics, the same kind of work per step).
 
     python benchmarks/gym_step.py
-    python benchmarks/gym_step.py --ids Hopper-v5 --steps 5000 --repeats 7
+    python benchmarks/gym_step.py --ids Hopper-v5 --steps 1000 --repeats 50
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import gymnasium
+import mujoco
 import numpy as np
 
 import gradgym  # noqa: F401  (registers the gradgym ids)
@@ -52,39 +59,55 @@ def stepper(env_id: str, steps: int, seed: int = 0) -> Callable[[], None]:
     return run
 
 
-def time_pair(ours: str, theirs: str, steps: int, repeats: int) -> dict[str, float]:
-    """Best-of-``repeats`` µs per step of both ids, CPU and wall, rounds interleaved."""
+def time_pair(ours: str, theirs: str, steps: int, repeats: int, physics: bool = True) -> dict[str, float]:
+    """Best-of-``repeats`` CPU µs per step of both ids, rounds interleaved (``physics=False``:
+    MuJoCo's engine calls are no-ops)."""
     runs = {"gradgym": stepper(ours, steps), "gymnasium": stepper(theirs, steps)}
-    best = {f"{side}_{clock}": float("inf") for side in runs for clock in ("cpu", "wall")}
-    for round_ in range(repeats + 1):
-        for side, run in runs.items():
-            cpu, wall = time.process_time(), time.perf_counter()
-            run()
-            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-            if round_:  # round 0 warms up
-                best[f"{side}_cpu"] = min(best[f"{side}_cpu"], cpu / steps * 1e6)
-                best[f"{side}_wall"] = min(best[f"{side}_wall"], wall / steps * 1e6)
+    best = dict.fromkeys(runs, float("inf"))
+    with contextlib.nullcontext() if physics else physics_off():
+        for round_ in range(repeats + 1):
+            for side, run in runs.items():
+                cpu = time.process_time()
+                run()
+                if round_:  # round 0 warms up
+                    best[side] = min(best[side], (time.process_time() - cpu) / steps * 1e6)
     return best
+
+
+@contextlib.contextmanager
+def physics_off() -> Iterator[None]:
+    """MuJoCo's step and its post-constraint pass as no-ops (both sides call them through
+    the ``mujoco`` module)."""
+    step, post = mujoco.mj_step, mujoco.mj_rnePostConstraint
+    mujoco.mj_step = lambda *args, **kwargs: None
+    mujoco.mj_rnePostConstraint = lambda *args: None
+    try:
+        yield
+    finally:
+        mujoco.mj_step, mujoco.mj_rnePostConstraint = step, post
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ids", nargs="+", default=[ours.split("/")[1] for ours in PAIRS],
                         help="gradgym ids without the namespace (default: all)")
-    parser.add_argument("--steps", type=int, default=3000, help="env steps per timed run")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=500, help="env steps per timed round")
+    parser.add_argument("--repeats", type=int, default=30, help="timed rounds (the best counts)")
     args = parser.parse_args()
     with open("/proc/loadavg") as f:
         load_before = f.read().split()[:3]
-    print(f"{'gradgym id':32s} {'vs':26s} {'gradgym µs':>10s} {'Gymnasium µs':>12s} "
-          f"{'ratio':>6s} {'(wall: µs':>10s} {'µs':>7s} {'ratio)':>6s}")
+    print(f"{'gradgym id':34s} {'vs':26s} {'gradgym µs':>10s} {'Gymnasium µs':>12s} {'ratio':>6s}"
+          f"   {'outside MuJoCo: gradgym':>23s} {'Gymnasium':>9s}")
     for name in args.ids:
         ours = f"gradgym/{name}"
         theirs = PAIRS[ours]
         t = time_pair(ours, theirs, args.steps, args.repeats)
-        print(f"{ours:32s} {theirs:26s} {t['gradgym_cpu']:10.1f} {t['gymnasium_cpu']:12.1f} "
-              f"{t['gradgym_cpu'] / t['gymnasium_cpu']:6.2f} {t['gradgym_wall']:10.1f} "
-              f"{t['gymnasium_wall']:7.1f} {t['gradgym_wall'] / t['gymnasium_wall']:6.2f}", flush=True)
+        line = (f"{ours:34s} {theirs:26s} {t['gradgym']:10.1f} {t['gymnasium']:12.1f} "
+                f"{t['gradgym'] / t['gymnasium']:6.2f}")
+        if theirs.endswith("-v5"):
+            off = time_pair(ours, theirs, args.steps, args.repeats, physics=False)
+            line += f"   {off['gradgym']:23.1f} {off['gymnasium']:9.1f}"
+        print(line, flush=True)
     with open("/proc/loadavg") as f:
         print(f"load average before: {' '.join(load_before)}; after: {' '.join(f.read().split()[:3])}")
     print(f"numpy {np.__version__}, gymnasium {gymnasium.__version__}; target: ratio <= 1.0")

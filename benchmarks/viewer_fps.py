@@ -151,8 +151,7 @@ def follow_overhead(pairs: int, iters: int) -> tuple[list[float], list[float], l
             "progress=false", "torch_threads=1", f"run_dir={folder}"])
         stamps: list[float] = []
         stop = threading.Event()
-        if follow:
-            RunRecord(folder).create().touch_follow_marker()
+        if follow:  # a viewer attaches once the run holds its folder, as `gradgym view` does
             keeper = threading.Thread(target=_keep_fresh, args=(RunRecord(folder), stop), daemon=True)
             keeper.start()
         hooks.reset()
@@ -177,8 +176,11 @@ def follow_overhead(pairs: int, iters: int) -> tuple[list[float], list[float], l
 
 
 def _keep_fresh(record, stop: threading.Event) -> None:
-    while not stop.wait(1.0):
-        record.touch_follow_marker()
+    touched = 0.0
+    while not stop.wait(0.05):
+        if record.is_run_folder() and time.monotonic() - touched >= 1.0:
+            record.touch_follow_marker()
+            touched = time.monotonic()
 
 
 def frame_rates(seconds: float) -> None:
