@@ -83,6 +83,7 @@ GRADGYM_VARIABLES = "GRADGYM_"
 # Jax (XLA) in a trial: one thread per trial, like torch_threads.
 # How long a sweep on a Ray cluster waits for a node that fits one trial (autoscaling).
 CLUSTER_RESOURCE_WAIT_S = 300.0
+SETTLE_WAIT_S = 15.0  # after Ray's core died: how long a stopped trial may still hold its folder
 TRIAL_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
@@ -458,9 +459,16 @@ def _ray_died(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any], local
           f"parent run ends FAILED); finish it with `gradgym sweep --resume {cfg.name}`",
           file=sys.stderr, flush=True)
     local_ray.stop_processes()
+    # A stopped trial's lock goes with its process; on a busy machine that can lag the stop.
+    deadline = time.monotonic() + SETTLE_WAIT_S
     for folder in sorted((sweep_dir / TRIALS_DIR).glob("*")):
+        while RunRecord(folder).is_live() and time.monotonic() < deadline:
+            time.sleep(0.1)
         try:
-            settle_dead_run(folder)
+            if not settle_dead_run(folder) and RunRecord(folder).is_live():
+                logging.getLogger(__name__).warning(
+                    "trial %s is still held by a live process; `gradgym runs --settle` ends it",
+                    folder.name)
         except Exception as err:  # noqa: BLE001 - the next settle or resume ends it
             logging.getLogger(__name__).warning("could not settle trial %s: %s", folder.name, err)
     if parent:
