@@ -225,9 +225,10 @@ def test_replays_a_finished_run_with_the_return_it_reported(browser, start_view,
     assert hello["run"]["status"] == "FINISHED" and len(hello["run"]["points"]) == 8
     browser.js("gradgymViewer.send({cmd: 'grid', value: 4});"  # all four start states
                "gradgymViewer.send({cmd: 'speed', value: 0})")
-    wait_for(lambda: browser.js("gradgymViewer.header.t == 40 && gradgymViewer.header.grid == 4"),
-             90, "the end of the replayed episode")
-    header = browser.js("gradgymViewer.header")
+    # the header of the episode's last frame, read in the same call (the replay starts over)
+    header = wait_for(lambda: browser.js("(h => h.t == 40 && h.grid == 4 ? h : null)"
+                                         "(gradgymViewer.header)"),
+                      90, "the end of the replayed episode")
     assert header["source"] == "run" and header["replay_live"] is False
     # The plan replayed on numpy from the run's start states earns what the run reported.
     assert header["return"] == pytest.approx(summary["best_return"], rel=2e-3)
