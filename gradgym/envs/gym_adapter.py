@@ -37,7 +37,7 @@ import numpy as np
 from gymnasium import spaces
 
 from gradgym.envs.core import make, registered
-from gradgym.envs.host import HOST_BACKEND, HOST_XP
+from gradgym.envs.host import HOST_BACKEND, HOST_XP, batch_of_one, unbatched
 
 NAMESPACE = "gradgym"
 RENDER_MODES = ("rgb_array",)
@@ -91,7 +91,7 @@ class GymEnv(gymnasium.Env):
         """Start an episode; ``seed`` reseeds :attr:`np_random` (Gymnasium's convention)."""
         super().reset(seed=seed)
         state = self.env.reset(self.np_random, batch=1)
-        self._state = type(state)(*(leaf[0] for leaf in state)) if self._unbatched else state
+        self._state = unbatched(state) if self._unbatched else state
         return self._observation(), {}
 
     def step(self, action: Any) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
@@ -121,7 +121,7 @@ class GymEnv(gymnasium.Env):
             raise RuntimeError(f"{self.env.spec.name}: render() called before reset()")
         state = self._state
         if self._unbatched:
-            state = type(state)(*(np.asarray(leaf)[None] for leaf in state))
+            state = batch_of_one(state)
         return self.env.render(state, 0)
 
     def __getstate__(self) -> dict[str, Any]:

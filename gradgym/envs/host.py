@@ -52,6 +52,16 @@ def _stack(arrays: Any, axis: int = 0) -> Any:
     return np.stack(arrays, axis=axis)
 
 
+def unbatched(state: Any) -> Any:
+    """The only member of a batch of one (a state NamedTuple of numpy leaves ``[1, ...]``)."""
+    return type(state)(*(leaf[0] for leaf in state))
+
+
+def batch_of_one(state: Any) -> Any:
+    """An unbatched state as a batch of one (leaves ``[1, ...]``): what the functional env takes."""
+    return type(state)(*(np.asarray(leaf)[None] for leaf in state))
+
+
 def as_scalar(value: Any) -> Any:
     """A 0-d array as its numpy scalar (what Gymnasium returns); anything else as is."""
     return value[()] if type(value) is np.ndarray and value.ndim == 0 else value

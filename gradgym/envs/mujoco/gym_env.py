@@ -33,7 +33,7 @@ from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
 from gymnasium.envs.mujoco.mujoco_rendering import MujocoRenderer
 
 from gradgym.envs.core import Env, make
-from gradgym.envs.host import HOST_BACKEND, HOST_XP, as_scalar
+from gradgym.envs.host import HOST_BACKEND, HOST_XP, as_scalar, batch_of_one
 from gradgym.envs.mujoco import TASKS
 from gradgym.envs.mujoco.base import MujocoState, MujocoTask, sum_terms
 from gradgym.envs.mujoco.physics import asset_path, load_model
@@ -169,8 +169,7 @@ class MujocoGymEnv(MujocoEnv):
         env = make(self.task.name, backend=backend, dtype=dtype, **self._task_kwargs)
         state = self._state._replace(ctrl=np.asarray(self._state.ctrl, np.float64),
                                      warmstart=self.data.qacc_warmstart.copy())
-        batched = MujocoState(*(np.asarray(leaf)[None] for leaf in state))
-        return env, env.as_state(batched)
+        return env, env.as_state(batch_of_one(state))
 
     def normalized_action(self, action: Any) -> np.ndarray:
         """``action`` (in the control ranges, as this env takes it) as the functional API's
