@@ -45,6 +45,20 @@ def _on_floats(scalar: Any, array: Any) -> Any:
     return function
 
 
+def _logical_not(a: Any) -> Any:
+    if type(a) is np.bool_:  # one env's flag: numpy's ~ on a scalar costs about a microsecond
+        return np.False_ if a else np.True_
+    return (not a) if isinstance(a, bool) else ~a
+
+
+def _all(x: Any, axis: Any = None) -> Any:
+    # One env's vector of checks: counting its true entries is one cheap C call, where
+    # numpy's reduction machinery costs microseconds (on the same truth values).
+    if type(x) is np.ndarray and x.ndim == 1 and x.dtype.kind == "b" and axis in (None, 0, -1):
+        return np.True_ if np.count_nonzero(x) == x.size else np.False_
+    return np.logical_and.reduce(x, axis=axis)
+
+
 def _stack(arrays: Any, axis: int = 0) -> Any:
     # numpy scalars (one env's per-env quantities) stack into a vector in one C call
     if all(isinstance(x, np.generic) for x in arrays) and axis in (0, -1):
@@ -72,7 +86,7 @@ HOST_XP = types.SimpleNamespace(**{name: getattr(np, name) for name in dir(np) i
 HOST_XP.__dict__.update(
     logical_and=lambda a, b: a & b,
     logical_or=lambda a, b: a | b,
-    logical_not=lambda a: (not a) if isinstance(a, bool) else ~a,
+    logical_not=_logical_not,
     where=_where,
     ones_like=_like(1),
     zeros_like=_like(0),
@@ -81,9 +95,11 @@ HOST_XP.__dict__.update(
     clip=lambda x, low, high: np.minimum(np.maximum(x, low), high),
     sum=lambda x, axis=None: np.add.reduce(x, axis=axis),
     prod=lambda x, axis=None: np.multiply.reduce(x, axis=axis),
-    all=lambda x, axis=None: np.logical_and.reduce(x, axis=axis),
+    all=_all,
     concat=lambda arrays, axis=0: np.concatenate(arrays, axis=axis),
     stack=_stack,
+    # the method, not np.reshape's Python wrapper (several a step on the readouts)
+    reshape=lambda x, shape, copy=None: x.reshape(shape) if copy is None else np.reshape(x, shape, copy=copy),
     # Memoize per state (see mujoco.base.per_state): the host path asks the reward, the
     # termination and the observation of the same state, which share parts.
     memoize=True,
