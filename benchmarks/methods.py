@@ -196,16 +196,17 @@ def part_shac(seeds: list[int], shac_steps: int, envs: list[str]) -> None:
 
 
 def part_mujoco(iters: int, num_envs: int) -> None:
-    print(f"\n== SHAC on MuJoCo through the Jacobian bridge ({num_envs} envs x 32 steps, "
+    window = SHACConfig().num_steps
+    print(f"\n== SHAC on MuJoCo through the Jacobian bridge ({num_envs} envs x {window} steps, "
           f"{iters} iterations) [{load()}]")
     for env_name in ("HalfCheetah-v5", "Hopper-v5"):
         for backend in ("jax", "torch"):
             run = train("shac", env_name, backend, 0, iters=iters, num_envs=num_envs,
-                        env_steps=iters * num_envs * 32, eval_every=max(iters // 2, 1),
+                        env_steps=iters * num_envs * window, eval_every=max(iters // 2, 1),
                         eval_batch=4)
             print(f"{env_name:15s} {backend:5s} held-out {run['initial']:8.1f} -> "
                   f"{run['final']:8.1f}; {run['iter_time']:.2f} s/iteration "
-                  f"({num_envs * 32 / run['iter_time']:.0f} env steps/s), compile "
+                  f"({num_envs * window / run['iter_time']:.0f} env steps/s), compile "
                   f"{run['compile']:.1f} s [{load()}]")
 
 

@@ -11,6 +11,7 @@ where the input allows. Results are bit-identical to numpy's.
 
 from __future__ import annotations
 
+import itertools
 import math
 import types
 from typing import Any
@@ -61,7 +62,7 @@ def _all(x: Any, axis: Any = None) -> Any:
 
 def _stack(arrays: Any, axis: int = 0) -> Any:
     # numpy scalars (one env's per-env quantities) stack into a vector in one C call
-    if all(isinstance(x, np.generic) for x in arrays) and axis in (0, -1):
+    if axis in (0, -1) and all(map(isinstance, arrays, itertools.repeat(np.generic))):
         return np.array(arrays)
     return np.stack(arrays, axis=axis)
 
