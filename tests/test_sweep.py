@@ -227,6 +227,9 @@ def test_asha_stops_a_poor_trial_early(tmp_path):
     with open(tmp_path / "sweeps" / "t-asha" / "summary.csv") as file:
         statuses = {float(row["pipeline.lr"]): row["status"] for row in csv.DictReader(file)}
     assert statuses == {0.3: "FINISHED", 1e-4: "STOPPED"}
+    # ASHA's stop is noted where the sweep reads it, should Tune end the trial's process
+    # before the trial writes its own summary
+    assert len((tmp_path / "sweeps" / "t-asha" / "stopped_early.txt").read_text().split()) == 1
 
 
 @pytest.mark.slow

@@ -74,6 +74,9 @@ SWEEP_FILE = "sweep.yaml"
 PARENT_FILE = "parent.json"
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
+# Tune trial ids the scheduler (ASHA) stopped, one per line: Tune may end such a trial's
+# process before it writes its own summary, which would otherwise read as unfinished.
+STOPPED_EARLY_FILE = "stopped_early.txt"
 # Keys every trial's run name starts with; the plot's columns, lines and spread.
 _NAMED_FIRST = ("env", "backend", "seed")
 # Local Ray: Tune passes only small results around, a big object store is wasted memory.
@@ -83,7 +86,7 @@ GRADGYM_VARIABLES = "GRADGYM_"
 # Jax (XLA) in a trial: one thread per trial, like torch_threads.
 # How long a sweep on a Ray cluster waits for a node that fits one trial (autoscaling).
 CLUSTER_RESOURCE_WAIT_S = 300.0
-SETTLE_WAIT_S = 15.0  # after Ray's core died: how long a stopped trial may still hold its folder
+SETTLE_WAIT_S = 15.0  # how long trials Ray stopped may still hold their folders, in all
 TRIAL_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
@@ -352,7 +355,7 @@ def _run(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any] | Future, r
                 trainable,
                 param_space={PACK_PARAM: tune.grid_search(packs)},
                 tune_config=tune.TuneConfig(
-                    scheduler=_scheduler(cfg),
+                    scheduler=_scheduler(cfg, sweep_dir),
                     max_concurrent_trials=cfg.max_concurrent or None,
                     reuse_actors=True,
                     trial_name_creator=_trial_name,
@@ -460,10 +463,8 @@ def _ray_died(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any], local
           file=sys.stderr, flush=True)
     local_ray.stop_processes()
     # A stopped trial's lock goes with its process; on a busy machine that can lag the stop.
-    deadline = time.monotonic() + SETTLE_WAIT_S
+    _wait_for_trials_to_let_go(sweep_dir)
     for folder in sorted((sweep_dir / TRIALS_DIR).glob("*")):
-        while RunRecord(folder).is_live() and time.monotonic() < deadline:
-            time.sleep(0.1)
         try:
             if not settle_dead_run(folder) and RunRecord(folder).is_live():
                 logging.getLogger(__name__).warning(
@@ -565,15 +566,16 @@ def _trial_slots(cfg: DictConfig) -> int:
     return min(slots, cfg.max_concurrent) if cfg.max_concurrent else slots
 
 
-def _scheduler(cfg: DictConfig) -> Any:
+def _scheduler(cfg: DictConfig, sweep_dir: Path) -> Any:
     if cfg.scheduler != "asha":
         return None
-    from ray.tune.schedulers import ASHAScheduler
+    from gradgym.platform.asha import RecordingASHA
 
     iters = max(planned_iterations(trial) for trial in trial_run_configs(cfg))
     # max_t past the last iteration: ASHA stops a trial *at* max_t, which would cut a
     # trial that is finishing anyway.
-    return ASHAScheduler(time_attr="iteration", metric=cfg.asha.metric, mode=cfg.asha.mode,
+    return RecordingASHA(sweep_dir / STOPPED_EARLY_FILE,
+                         time_attr="iteration", metric=cfg.asha.metric, mode=cfg.asha.mode,
                          max_t=max(iters, cfg.asha.grace_period) + 1,
                          grace_period=cfg.asha.grace_period,
                          reduction_factor=cfg.asha.reduction_factor)
@@ -751,6 +753,7 @@ def _iterations(member: Mapping[str, Any]) -> int:
 def _finish(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any], results: Any) -> SweepOutcome:
     from gradgym.platform.reports import backend_comparison, method_comparison, summary_table
 
+    _wait_for_trials_to_let_go(sweep_dir)
     rows, curves = _collect(cfg, sweep_dir, results)
     summary_table(rows, sweep_dir / "summary.csv")
     backend_comparison(curves, sweep_dir / "comparison.png", title=f"sweep {cfg.name}")
@@ -776,15 +779,30 @@ def _finish(cfg: DictConfig, sweep_dir: Path, parent: Mapping[str, Any], results
     return outcome
 
 
+def _wait_for_trials_to_let_go(sweep_dir: Path) -> None:
+    """Wait (up to SETTLE_WAIT_S in all) for trial processes that still hold their folder.
+
+    Tune counts a trial its scheduler stopped as ended once it asked it to stop; on a busy
+    machine the process may still be writing its summary (status STOPPED) for a while.
+    """
+    deadline = time.monotonic() + SETTLE_WAIT_S
+    for folder in sorted((sweep_dir / TRIALS_DIR).glob("*")):
+        while RunRecord(folder).is_live() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
 def _collect(cfg: DictConfig, sweep_dir: Path, results: Any) -> tuple[list[dict], list[dict]]:
     """One summary row per config and the iteration histories of the finished ones."""
     swept = [k for k in _swept_keys(cfg) if k not in _NAMED_FIRST]
     rows, curves = [], []
+    stopped_file = sweep_dir / STOPPED_EARLY_FILE
+    stopped_early = set(stopped_file.read_text().split()) if stopped_file.is_file() else set()
     for result in results:
         if not result.config:  # a trial Tune made but never started (the sweep was stopped)
             continue
+        stopped = (result.metrics or {}).get("trial_id") in stopped_early
         for member in result.config[PACK_PARAM]:
-            row, history = _member_row(sweep_dir, member, result, swept)
+            row, history = _member_row(sweep_dir, member, result, swept, stopped)
             rows.append(row)
             if row["status"] in ("FINISHED", "STOPPED") and history and "env" in row:
                 label = " ".join([row["backend"]] + [f"{k}={row[k]}" for k in swept])
@@ -794,12 +812,13 @@ def _collect(cfg: DictConfig, sweep_dir: Path, results: Any) -> tuple[list[dict]
     return rows, curves
 
 
-def _member_row(sweep_dir: Path, member: Mapping[str, Any], result: Any,
-                swept: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _member_row(sweep_dir: Path, member: Mapping[str, Any], result: Any, swept: Sequence[str],
+                stopped_early: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The summary row of one config of a pack's trial, and its iterations."""
     record = RunRecord(sweep_dir / TRIALS_DIR / member["id"])
     summary = record.read_summary()
-    status = summary.get("status", "UNFINISHED")  # never ran, or interrupted
+    # no status: never ran, interrupted, or ended by Tune before it wrote its summary
+    status = summary.get("status", "STOPPED" if stopped_early else "UNFINISHED")
     failed = result.error is not None and status != "FINISHED"
     row = {"trial": member["id"], **summary, "status": "FAILED" if failed else status,
            **{key: member["values"].get(key) for key in swept},
