@@ -6,11 +6,10 @@ tens of microseconds; the rest is per-call overhead. This probe times one trajec
 and its gradient (B = 32, T = 100, as in benchmarks/pipeline_speed.py), in one process with
 the variants interleaved (a shared machine's load hits them alike):
 
-- ``dynamo``: the chunk through ``torch.compile`` (dynamo guards and frame wrapper, AOT
-  autograd's runtime wrappers, inductor's Python wrapper), the pipeline's path before
-  ``DirectCompiled``;
-- ``direct``: the pipeline's ``DirectCompiled``: the chunk traced with ``make_fx`` and
-  compiled with inductor's ``compile_fx`` (AOT autograd + inductor), called without dynamo;
+- ``dynamo``: the pipeline's ``CompiledChunks`` (dynamo guards and frame wrapper, AOT
+  autograd's runtime wrappers, inductor's Python wrapper);
+- ``direct``: the same chunk traced with ``make_fx`` and compiled with inductor's
+  ``compile_fx`` (AOT autograd + inductor, no dynamo), called without guards;
 - ``<variant>+<option>=<value>``: a variant compiled with one inductor option,
   e.g. ``dynamo+cpp.simdlen=1`` or ``dynamo+cpp_wrapper=1``.
 
@@ -31,19 +30,57 @@ import resource
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 import gradgym
 from gradgym.pipelines import _torch
-from gradgym.pipelines._rollout import start_states, transition
-from gradgym.pipelines._torch import CompiledChunks, DirectCompiled, _unrolled
+from gradgym.pipelines._rollout import start_states, transition, tree_leaves, tree_map
+from gradgym.pipelines._torch import CompiledChunks, _unrolled
 from gradgym.pipelines.compile_cache import enable_compile_cache
 from gradgym.pipelines.trajectory import open_loop_action, packed_open_loop_loss
 
 BATCH, HORIZON = 32, 100
+
+
+class DirectChunk:
+    """A chunk traced with ``make_fx`` and compiled by inductor, called without dynamo.
+
+    Only for this probe: it has no guards (every call must see the first call's shapes,
+    dtypes and ``requires_grad`` flags) and relies on inductor internals.
+    """
+
+    def __init__(self, fn: Callable, options: dict[str, Any]):
+        self.fn, self.options = fn, options
+        self.compiled: Callable | None = None
+        self.out_tree: Any = None
+
+    def __call__(self, *args: Any) -> Any:
+        tensors = [leaf for leaf in tree_leaves(args) if isinstance(leaf, torch.Tensor)]
+        if self.compiled is None:
+            self.compiled = self._compile(args, tensors)
+        outputs = iter(self.compiled(*tensors))
+        return tree_map(lambda leaf: next(outputs), self.out_tree)
+
+    def _compile(self, args: Any, tensors: list[torch.Tensor]) -> Callable:
+        from torch._guards import TracingContext, tracing
+        from torch._inductor.compile_fx import compile_fx
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.proxy_tensor import make_fx
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        def flat(*flat_tensors: torch.Tensor) -> tuple:
+            it = iter(flat_tensors)
+            rebuilt = tree_map(lambda leaf: next(it) if isinstance(leaf, torch.Tensor) else leaf, args)
+            self.out_tree = self.fn(*rebuilt)
+            return tuple(tree_leaves(self.out_tree))
+
+        graph = make_fx(flat)(*tensors)
+        # inductor's FX graph and AOT autograd caches need a shape env (dynamo brings one)
+        context = TracingContext(FakeTensorMode(shape_env=ShapeEnv()))
+        with torch._inductor.config.patch(self.options), tracing(context):
+            return compile_fx(graph, tensors)
 
 
 class ProbeChunks(CompiledChunks):
@@ -60,18 +97,11 @@ class ProbeChunks(CompiledChunks):
     def compiled(self, length: int) -> Callable:
         if length not in self._compiled:
             fn = _unrolled(self.step, length)
-            if self.kind == "direct":  # the pipeline's path; options apply while compiling
-                direct = DirectCompiled(fn)
-                patched = torch._inductor.config.patch(self.options)
-                self._compiled[length] = lambda *args: _with(patched, direct, args)
+            if self.kind == "direct":
+                self._compiled[length] = DirectChunk(fn, self.options)
             else:
                 self._compiled[length] = torch.compile(fn, dynamic=False, options=self.options)
         return self._compiled[length]
-
-
-def _with(patched: Any, fn: Callable, args: tuple) -> Any:
-    with patched:
-        return fn(*args)
 
 
 def cpu_seconds() -> float:

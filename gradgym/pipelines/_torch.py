@@ -1,12 +1,10 @@
 """torch side of the pipelines: autograd through a Python-loop rollout, torch.optim.
 
 With ``cfg.torch_compile`` the rollout runs in *chunks*: ``torch_compile_chunk`` env steps
-(policy + env step, unrolled) are one function compiled by inductor (traced with
-``make_fx``, called without dynamo's guards and frame wrapper; ``torch.compile`` where the
-step calls the host), called ``T / chunk`` times per rollout, with autograd between chunks.
-One compiled step per call pays the per-call overhead (AOT autograd wrappers, inductor's
-wrapper) 2T times per iteration; the whole 100-step rollout in one graph runs fastest but
-takes minutes to compile; a
+(policy + env step, unrolled) are one ``torch.compile``d function, called ``T / chunk``
+times per rollout, with autograd between chunks. One compiled step per call pays
+torch.compile's per-call overhead (guards, AOT autograd wrappers) 2T times per iteration;
+the whole 100-step rollout in one graph runs fastest but takes minutes to compile; a
 chunk of 10 sits between (measurements in benchmarks/pipeline_speed.py and the README).
 Every call of a chunk sees the same shapes, dtypes and ``requires_grad`` flags, so it is
 compiled once (training and evaluation share the graph: evaluation runs with autograd on
@@ -61,7 +59,7 @@ def scan(step: Callable, params: Any, carry: Any, xs: Any, length: int) -> tuple
 
 
 class CompiledChunks:
-    """A per-step function whose rollouts call compiled chunks of ``chunk`` steps.
+    """A per-step function whose rollouts call ``torch.compile``d chunks of ``chunk`` steps.
 
     A rollout (or window) of ``length`` steps uses the largest divisor of ``length`` that is
     at most ``chunk``, so every call of a chunk has the same shapes (one compilation);
@@ -82,13 +80,10 @@ class CompiledChunks:
     def compiled(self, length: int) -> Callable:
         """The compiled function of ``length`` unrolled steps (compiled on first call)."""
         if length not in self._compiled:
-            self._compiled[length] = DirectCompiled(_unrolled(self.step, length))
+            self._compiled[length] = torch.compile(
+                _unrolled(self.step, length), dynamic=False, fullgraph=False
+            )
         return self._compiled[length]
-
-    @property
-    def compilations(self) -> int:
-        """Graphs compiled so far (one per chunk length and input signature)."""
-        return sum(chunk.compilations for chunk in self._compiled.values())
 
     def scan(self, params: Any, carry: Any, xs: Any, length: int) -> tuple[Any, Any]:
         """``length`` steps from ``carry``: per-step outputs stacked on axis 0."""
@@ -103,91 +98,11 @@ class CompiledChunks:
         return carry, tuple(torch.cat(list(column)) for column in zip(*outputs))
 
 
-class DirectCompiled:
-    """``fn`` over trees of tensors, traced with ``make_fx`` and compiled by inductor,
-    then called without dynamo.
-
-    dynamo's frame wrapper and guards cost about as much per call as the chunk's kernel
-    and AOT autograd wrappers together (benchmarks/torch_chunk_overhead.py: 15-20% of an
-    iteration, and a warm start several times slower). Here the guards are one signature
-    per call (shapes, dtypes, ``requires_grad``, non-tensor leaves): a new signature
-    compiles a new graph. A function that ``make_fx`` cannot trace (a host call, e.g. a
-    MuJoCo step) falls back to ``torch.compile``, which breaks the graph there.
-    """
-
-    def __init__(self, fn: Callable):
-        self.fn = fn
-        self._graphs: dict[tuple, tuple[Callable, Any]] = {}  # signature -> (compiled, out tree)
-        self._fallback: Callable | None = None
-
-    @property
-    def compilations(self) -> int:
-        """Graphs compiled so far."""
-        return len(self._graphs) + (self._fallback is not None)
-
-    def __call__(self, *args: Any) -> Any:
-        if self._fallback is not None:
-            return self._fallback(*args)
-        leaves = tree_leaves(args)
-        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-        key = _signature(leaves, torch.is_grad_enabled())
-        if key not in self._graphs:
-            from torch.fx.experimental.proxy_tensor import make_fx
-
-            out_tree: list[Any] = []
-            try:
-                # fake tensors: a host call (``.numpy()``) raises instead of being baked in
-                graph = make_fx(_flattened(self.fn, args, out_tree), tracing_mode="fake")(*tensors)
-            except RuntimeError:  # untraceable (a host call): dynamo breaks the graph there
-                self._fallback = torch.compile(self.fn, dynamic=False, fullgraph=False)
-                return self._fallback(*args)
-            self._graphs[key] = (_inductor_compile(graph, tensors), out_tree[-1])
-        compiled, out_tree = self._graphs[key]
-        outputs = iter(compiled(*tensors))
-        return tree_map(lambda leaf: next(outputs), out_tree)
-
-
-def _signature(leaves: list[Any], grad_enabled: bool) -> tuple:
-    """What a compiled graph assumes of its inputs: the guards of :class:`DirectCompiled`."""
-    return (grad_enabled,) + tuple(
-        (leaf.shape, leaf.stride(), leaf.dtype, leaf.requires_grad)
-        if isinstance(leaf, torch.Tensor) else leaf
-        for leaf in leaves
-    )
-
-
-def _flattened(fn: Callable, args: Any, out_tree: list[Any]) -> Callable:
-    """``fn(*args)`` as a function of the tensors of ``args`` returning its output leaves;
-    each call appends the output tree to ``out_tree``."""
-
-    def flat(*tensors: torch.Tensor) -> tuple:
-        it = iter(tensors)
-        rebuilt = tree_map(lambda leaf: next(it) if isinstance(leaf, torch.Tensor) else leaf, args)
-        outputs = fn(*rebuilt)
-        out_tree.append(tree_map(lambda leaf: None, outputs))  # the structure, no tensors
-        return tuple(tree_leaves(outputs))
-
-    return flat
-
-
-def _inductor_compile(graph: torch.fx.GraphModule, tensors: list[torch.Tensor]) -> Callable:
-    """``graph`` compiled by inductor, AOT autograd making its backward."""
-    from torch._guards import TracingContext, tracing
-    from torch._inductor.compile_fx import compile_fx
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    # inductor's FX graph and AOT autograd caches need a shape env (dynamo brings its own)
-    with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
-        return compile_fx(graph, tensors)
-
-
 def _unrolled(step: Callable, length: int) -> Callable:
     """``length`` steps of ``step`` as one function with a code object of its own.
 
-    dynamo (the fallback of :class:`DirectCompiled`) keeps compiled graphs and counts
-    recompilations per code object: a fresh one per pipeline keeps runs in one process
-    (tests, packed trials) from failing each
+    dynamo keeps compiled graphs and counts recompilations per code object: a fresh one
+    per pipeline keeps runs in one process (tests, packed trials) from failing each
     other's guards and from using up torch's recompile limit, which falls back to eager.
     """
 
