@@ -1,0 +1,159 @@
+"""Where the compiled torch rollout's time goes: dynamo's call path against a direct call.
+
+The compiled torch path (``pipeline.torch_compile=true``) calls a ``torch.compile``d chunk
+of env steps ``T / chunk`` times per rollout, forward and backward. Each call's kernel takes
+tens of microseconds; the rest is per-call overhead. This probe times one trajectory loss
+and its gradient (B = 32, T = 100, as in benchmarks/pipeline_speed.py), in one process with
+the variants interleaved (a shared machine's load hits them alike):
+
+- ``dynamo``: the pipeline's ``CompiledChunks`` (dynamo guards and frame wrapper, AOT
+  autograd's runtime wrappers, inductor's Python wrapper);
+- ``direct``: the same chunk traced with ``make_fx`` and compiled with inductor's
+  ``compile_fx`` (AOT autograd + inductor, no dynamo), called without guards;
+- ``<variant>+<option>=<value>``: a variant compiled with one inductor option,
+  e.g. ``dynamo+cpp.simdlen=1`` or ``dynamo+cpp_wrapper=1``.
+
+    python benchmarks/torch_chunk_overhead.py --env CartPole --variants dynamo direct
+    python benchmarks/torch_chunk_overhead.py --variants dynamo dynamo+cpp.simdlen=1
+
+Compile seconds are wall and CPU (this process and its compiler subprocesses); the CPU
+figure is the one to compare on a loaded machine. Cold or warm depends on ``--cache``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+
+import gradgym
+from gradgym.pipelines import _torch
+from gradgym.pipelines._rollout import start_states, transition, tree_leaves, tree_map
+from gradgym.pipelines._torch import CompiledChunks, _unrolled
+from gradgym.pipelines.compile_cache import enable_compile_cache
+from gradgym.pipelines.trajectory import open_loop_action, packed_open_loop_loss
+
+BATCH, HORIZON = 32, 100
+
+
+class DirectChunk:
+    """A chunk traced with ``make_fx`` and compiled by inductor, called without dynamo.
+
+    Only for this probe: it has no guards (every call must see the first call's shapes,
+    dtypes and ``requires_grad`` flags) and relies on inductor internals.
+    """
+
+    def __init__(self, fn: Callable, options: dict[str, Any]):
+        self.fn, self.options = fn, options
+        self.compiled: Callable | None = None
+        self.out_tree: Any = None
+
+    def __call__(self, *args: Any) -> Any:
+        tensors = [leaf for leaf in tree_leaves(args) if isinstance(leaf, torch.Tensor)]
+        if self.compiled is None:
+            self.compiled = self._compile(args, tensors)
+        outputs = iter(self.compiled(*tensors))
+        return tree_map(lambda leaf: next(outputs), self.out_tree)
+
+    def _compile(self, args: Any, tensors: list[torch.Tensor]) -> Callable:
+        from torch._guards import TracingContext, tracing
+        from torch._inductor.compile_fx import compile_fx
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.proxy_tensor import make_fx
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        def flat(*flat_tensors: torch.Tensor) -> tuple:
+            it = iter(flat_tensors)
+            rebuilt = tree_map(lambda leaf: next(it) if isinstance(leaf, torch.Tensor) else leaf, args)
+            self.out_tree = self.fn(*rebuilt)
+            return tuple(tree_leaves(self.out_tree))
+
+        graph = make_fx(flat)(*tensors)
+        # inductor's FX graph and AOT autograd caches need a shape env (dynamo brings one)
+        context = TracingContext(FakeTensorMode(shape_env=ShapeEnv()))
+        with torch._inductor.config.patch(self.options), tracing(context):
+            return compile_fx(graph, tensors)
+
+
+class ProbeChunks(CompiledChunks):
+    """``CompiledChunks`` whose chunk is compiled by one probe variant."""
+
+    def __init__(self, step: Callable, chunk: int, variant: str):
+        super().__init__(step, chunk)
+        self.kind, _, option = variant.partition("+")
+        self.options = {}
+        if option:
+            name, value = option.split("=")
+            self.options[name] = int(value) if name != "cpp_wrapper" else bool(int(value))
+
+    def compiled(self, length: int) -> Callable:
+        if length not in self._compiled:
+            fn = _unrolled(self.step, length)
+            if self.kind == "direct":
+                self._compiled[length] = DirectChunk(fn, self.options)
+            else:
+                self._compiled[length] = torch.compile(fn, dynamic=False, options=self.options)
+        return self._compiled[length]
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (inductor's C++ compiles)."""
+    own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--env", default="CartPole")
+    parser.add_argument("--chunk", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=300, help="timed iterations per variant")
+    parser.add_argument("--cache", default=None, help="compile cache folder (default: a new one)")
+    parser.add_argument("--variants", nargs="+", default=["dynamo", "direct"])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    enable_compile_cache(args.cache or tempfile.mkdtemp(prefix="gradgym-probe-"))
+
+    env = gradgym.make(args.env, backend="torch")
+    step = functools.partial(transition, env, functools.partial(open_loop_action, env.xp))
+    start = _torch.stack_members([start_states(env, 0, BATCH)])
+    generator = torch.Generator().manual_seed(0)
+    shape = (1, BATCH, HORIZON, env.spec.act_dim)
+    logits = (torch.rand(shape, generator=generator) * 4 - 2).requires_grad_(True)
+
+    def gradient(loss_fn: Callable) -> torch.Tensor:
+        logits.grad = None
+        loss_fn(logits, start)[0].sum().backward()
+        return logits.grad
+
+    losses, report = {}, {}
+    for variant in args.variants:
+        chunks = ProbeChunks(step, args.chunk, variant)
+        losses[variant] = functools.partial(packed_open_loop_loss, env, _torch, chunks, HORIZON)
+        wall, cpu = time.perf_counter(), cpu_seconds()
+        first = gradient(losses[variant])
+        report[variant] = {"compile_s": round(time.perf_counter() - wall, 1),
+                           "compile_cpu_s": round(cpu_seconds() - cpu, 1),
+                           "max_grad_diff": float((first - gradient(losses[args.variants[0]])).abs().max())}
+    times: dict[str, list[float]] = {variant: [] for variant in args.variants}
+    for _ in range(args.iters):
+        for variant, loss_fn in losses.items():
+            began = time.perf_counter()
+            gradient(loss_fn)
+            times[variant].append(time.perf_counter() - began)
+    for variant, seconds in times.items():
+        report[variant].update(min_ms=round(1e3 * min(seconds), 3),
+                               median_ms=round(1e3 * statistics.median(seconds), 3))
+    load = [round(figure, 2) for figure in os.getloadavg()]
+    print(json.dumps({"env": args.env, "chunk": args.chunk, "load": load, "variants": report}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
