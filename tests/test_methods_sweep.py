@@ -92,7 +92,7 @@ def test_overrides_may_hold_keys_of_the_pipelines_the_grid_picks(tmp_path):
     assert _trial_tracking(cfg).enabled is False
     # 20480 env steps: 10 iterations of PPO's 2048, 320 of SHAC's 64; ASHA stops one past
     # the last iteration of the longest
-    assert _scheduler(cfg)._max_t == 321
+    assert _scheduler(cfg, tmp_path)._max_t == 321
 
 
 def test_the_methods_sweep_file_composes_every_trial():

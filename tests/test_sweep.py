@@ -7,6 +7,7 @@ import csv
 import ipaddress
 import json
 import os
+import pickle
 import signal
 import time
 from pathlib import Path
@@ -319,10 +320,12 @@ def test_sweep_file_becomes_packs_and_scheduler(tmp_path):
         (env, seed) for env in ("Pendulum", "CartPole") for seed in (0, 1) for _ in range(3)]
     assert all(0.001 <= v["pipeline.lr"] <= 0.3 and 2 <= v["pipeline.batch"] < 8
                and v["pipeline.optimizer"] in ("adam", "sgd") for v in values)
-    scheduler = _scheduler(cfg)
+    scheduler = _scheduler(cfg, tmp_path)
     assert isinstance(scheduler, ASHAScheduler)
     assert scheduler.metric == "return_mean" and scheduler._time_attr == "iteration"
     assert scheduler._max_t == ITERS + 1  # never cut a trial at its last iteration
+    # Tune pickles the scheduler with the sweep's state; --resume unpickles it
+    assert pickle.loads(pickle.dumps(scheduler)).stopped_file == scheduler.stopped_file
 
 
 # ---------------------------------------------------------------------- helpers
