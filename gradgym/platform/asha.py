@@ -27,3 +27,8 @@ class RecordingASHA(ASHAScheduler):
             with open(self.stopped_file, "a") as stopped:
                 stopped.write(f"{trial.trial_id}\n")
         return action
+
+
+def stopped_trial_ids(stopped_file: Path) -> set[str]:
+    """The ids :class:`RecordingASHA` noted in ``stopped_file`` (none if it has none)."""
+    return set(stopped_file.read_text().split()) if stopped_file.is_file() else set()

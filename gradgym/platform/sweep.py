@@ -795,8 +795,9 @@ def _collect(cfg: DictConfig, sweep_dir: Path, results: Any) -> tuple[list[dict]
     """One summary row per config and the iteration histories of the finished ones."""
     swept = [k for k in _swept_keys(cfg) if k not in _NAMED_FIRST]
     rows, curves = [], []
-    stopped_file = sweep_dir / STOPPED_EARLY_FILE
-    stopped_early = set(stopped_file.read_text().split()) if stopped_file.is_file() else set()
+    from gradgym.platform.asha import stopped_trial_ids
+
+    stopped_early = stopped_trial_ids(sweep_dir / STOPPED_EARLY_FILE)
     for result in results:
         if not result.config:  # a trial Tune made but never started (the sweep was stopped)
             continue
