@@ -124,6 +124,22 @@ def test_bad_actions_get_clear_errors():
     env.step([True, False, True])
 
 
+@pytest.mark.parametrize("task", ["Hopper", "Humanoid"])
+def test_set_state_matches_gymnasium_and_checks_shapes(task):
+    theirs, ours = (env.unwrapped for env in make_pair(task))
+    theirs.reset(seed=0), ours.reset(seed=0)
+    rng = np.random.default_rng(1)
+    qpos = theirs.init_qpos + rng.uniform(-0.1, 0.1, theirs.model.nq)
+    qvel = rng.normal(size=theirs.model.nv)
+    theirs.set_state(qpos, qvel), ours.set_state(qpos, qvel)
+    for field in ("qpos", "qvel", "qacc", "xpos", "cfrc_ext", "act"):  # mj_forward ran
+        np.testing.assert_array_equal(getattr(ours.data, field), getattr(theirs.data, field), field)
+    action = np.full(theirs.action_space.shape, 0.1, np.float32)
+    assert_same(ours.step(action), theirs.step(action), "step after set_state")
+    with pytest.raises(ValueError, match=r"qpos of shape \(\d+,\).*got \(3,\)"):
+        ours.set_state(np.zeros(3), qvel)
+
+
 # ----------------------------------------------------------------------------- rendering
 
 

@@ -110,6 +110,7 @@ class MujocoGymEnv(MujocoEnv):
         self._readout_size = physics.readout_size
         self._dt = self.dt  # a property reading the model: once, not every step
         self._action_shape = (self.model.nu,)
+        self._nq, self._nv = self.model.nq, self.model.nv  # MjModel's attributes cost a call
         self._ctrl_on_data = getattr(task, "gym_ctrl_cost_on_applied_ctrl", False)
         self._data_info = dict(getattr(task, "gym_info_data_fields", ()))
         self._state: MujocoState | None = None
@@ -129,7 +130,7 @@ class MujocoGymEnv(MujocoEnv):
         ctrl = self._checked(action)
         model, data = self.model, self.data
         self._ctrl[:] = ctrl
-        mujoco.mj_step(model, data, nstep=self.frame_skip)
+        mujoco.mj_step(model, data, self.frame_skip)  # positional: keywords cost pybind11 a lookup
         if self._post_constraint:  # the only fields it writes are cacc, cfrc_int, cfrc_ext
             mujoco.mj_rnePostConstraint(model, data)
         previous, task = self._state, self.task
@@ -143,15 +144,30 @@ class MujocoGymEnv(MujocoEnv):
 
     def reset_model(self) -> np.ndarray:
         """Gymnasium's draws: ``qpos0 + U(-s, s)``, then ``qvel`` uniform or ``s * N(0, 1)``."""
-        task, scale = self.task, self.task.reset_noise_scale
-        qpos = self.init_qpos + self.np_random.uniform(low=-scale, high=scale, size=self.model.nq)
+        task, scale, draw = self.task, self.task.reset_noise_scale, self.np_random
+        qpos = self.init_qpos + draw.uniform(low=-scale, high=scale, size=self._nq)
         if task.qvel_noise == "normal":
-            qvel = self.init_qvel + scale * self.np_random.standard_normal(self.model.nv)
+            qvel = self.init_qvel + scale * draw.standard_normal(self._nv)
         else:
-            qvel = self.init_qvel + self.np_random.uniform(low=-scale, high=scale, size=self.model.nv)
+            qvel = self.init_qvel + draw.uniform(low=-scale, high=scale, size=self._nv)
         self.set_state(qpos, qvel)
-        self._state = self._read(np.zeros(self.model.nu), None)
         return task.observe(HOST_XP, self._state)
+
+    def set_state(self, qpos: Any, qvel: Any) -> None:
+        """Set ``qpos`` and ``qvel`` and recompute the derived quantities (``mj_forward``),
+        as Gymnasium's ``set_state`` does, on the kept views of ``MjData`` (every reset calls
+        it; Gymnasium's spends more than MuJoCo's ``mj_forward`` on lookups and copies).
+        Gymnasium also writes ``act[:] = None`` when the model has no activations: a no-op.
+        The next step's velocities (``x_velocity``) are taken from this state."""
+        qpos, qvel = np.asarray(qpos), np.asarray(qvel)
+        if qpos.shape != self._qpos.shape or qvel.shape != self._qvel.shape:
+            raise ValueError(
+                f"{self.task.name}: set_state takes qpos of shape {self._qpos.shape} and qvel of "
+                f"shape {self._qvel.shape}, got {qpos.shape} and {qvel.shape}"
+            )
+        self._qpos[:], self._qvel[:] = qpos, qvel
+        mujoco.mj_forward(self.model, self.data)
+        self._state = self._read(self._ctrl.copy(), None)
 
     def _get_reset_info(self) -> dict[str, Any]:
         return self._info(self._state, None, {})
@@ -194,7 +210,7 @@ class MujocoGymEnv(MujocoEnv):
     # ------------------------------------------------------------------ helpers
     def _checked(self, action: Any) -> np.ndarray:
         """``action`` as an array, or a clear error (shape, dtype, NaN/inf)."""
-        array = np.asarray(action)
+        array = action if type(action) is np.ndarray else np.asarray(action)
         if array.shape != self._action_shape:
             raise ValueError(
                 f"{self.task.name}: action has shape {array.shape}, expected {self._action_shape}"
