@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import platform
 import time
 from dataclasses import replace
@@ -93,7 +94,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}")
-    print(f"# load average before: {open('/proc/loadavg').read().strip()}")
+    print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("| env | backend | M | lone ms/iter | M lone runs ms/iter | pack ms/iter "
           "| speedup (M lone / pack) | pack / lone | pack compile s |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -115,7 +116,7 @@ def main() -> None:
                 fold, vmap = fold_vs_vmap(env_name, members)
                 print(f"| {env_name} | {members} | {fold * 1e3:.2f} | {vmap * 1e3:.2f} | "
                       f"{vmap / fold:.2f}x |", flush=True)
-    print(f"# load average after: {open('/proc/loadavg').read().strip()}")
+    print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

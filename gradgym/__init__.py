@@ -4,4 +4,4 @@ from gradgym.envs import make, registered
 
 __version__ = "0.1.0"
 
-__all__ = ["make", "registered", "__version__"]
+__all__ = ["__version__", "make", "registered"]

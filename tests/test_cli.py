@@ -127,7 +127,7 @@ def test_console_script_is_installed(tmp_path):
 
 @pytest.mark.slow
 def test_ui_serves_the_local_store_on_loopback_only(tmp_path):
-    process, port = _start_ui(tmp_path)
+    process, _port = _start_ui(tmp_path)
     try:
         addresses = _listening_addresses(process.pid)
         assert addresses and all(ipaddress.ip_address(a.removeprefix("::ffff:")).is_loopback

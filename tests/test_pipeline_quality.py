@@ -112,7 +112,7 @@ def test_cem_beats_random_actions(env_name, backend):
 
 def test_torch_compile_takes_the_same_steps_as_eager():
     env = gradgym.make("Pendulum", backend="torch")
-    cfg = dict(iters=3, horizon=5, batch=4, render=False, grad_hist_every=0)
+    cfg = {"iters": 3, "horizon": 5, "batch": 4, "render": False, "grad_hist_every": 0}
     eager = trajectory.optimize(env, TrajectoryConfig(**cfg), seed=0)
     compiled = trajectory.optimize(env, TrajectoryConfig(torch_compile=True, **cfg), seed=0)
     print(f"\ntorch.compile of the step: {compiled.compile_time_s:.1f}s")

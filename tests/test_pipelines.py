@@ -72,22 +72,22 @@ class Recorder:
 
 
 def small_trajectory(**overrides) -> TrajectoryConfig:
-    fields = dict(iters=3, horizon=6, batch=3, render=False, grad_hist_every=0)
+    fields = {"iters": 3, "horizon": 6, "batch": 3, "render": False, "grad_hist_every": 0}
     fields.update(overrides)
     return TrajectoryConfig(**fields)
 
 
 def small_policy(**overrides) -> PolicyConfig:
-    fields = dict(
-        iters=4,
-        horizon=6,
-        batch=3,
-        hidden=[8, 8],
-        eval_every=2,
-        eval_batch=3,
-        render=False,
-        grad_hist_every=0,
-    )
+    fields = {
+        "iters": 4,
+        "horizon": 6,
+        "batch": 3,
+        "hidden": [8, 8],
+        "eval_every": 2,
+        "eval_batch": 3,
+        "render": False,
+        "grad_hist_every": 0,
+    }
     fields.update(overrides)
     return PolicyConfig(**fields)
 

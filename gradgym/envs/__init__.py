@@ -11,7 +11,7 @@ for _task in CLASSIC_TASKS:
     register(_task.name, _task, family="classic")
 
 # The MuJoCo family (Gymnasium v5 semantics on MuJoCo's engine; no ivy boundary).
-from gradgym.envs.mujoco import TASKS as MUJOCO_TASKS  # noqa: E402
+from gradgym.envs.mujoco import TASKS as MUJOCO_TASKS
 
 for _task in MUJOCO_TASKS:
     register(_task.name, _task, backends=("numpy", "jax", "torch"), family="mujoco")
@@ -34,10 +34,10 @@ __all__ = [
 # Beside the functional core: wrappers, videos, ivy interop and the Gymnasium adapter.
 # The adapter registers every env above as "gradgym/<Name>-v0" with Gymnasium; keep this
 # call after the last register() so that every family is included.
-from gradgym.envs.gym_adapter import GymEnv, gym_id, register_gymnasium_envs  # noqa: E402
-from gradgym.envs.ivy_interop import IvyEnv  # noqa: E402
-from gradgym.envs.video import render_rollout, write_gif, write_mp4, write_video  # noqa: E402
-from gradgym.envs.wrappers import TimeLimit, TimeLimitState, VecEnv  # noqa: E402
+from gradgym.envs.gym_adapter import GymEnv, gym_id, register_gymnasium_envs
+from gradgym.envs.ivy_interop import IvyEnv
+from gradgym.envs.video import render_rollout, write_gif, write_mp4, write_video
+from gradgym.envs.wrappers import TimeLimit, TimeLimitState, VecEnv
 
 register_gymnasium_envs()
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -191,7 +192,7 @@ _NAMESPACES: dict[str, Callable[[], Any]] = {
 assert tuple(_NAMESPACES) == ARRAY_BACKENDS
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_backend(name: str, dtype: str = "float32") -> Backend:
     """The :class:`Backend` named ``name`` with floating dtype ``dtype``.
 

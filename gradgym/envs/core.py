@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -91,7 +92,7 @@ class Task:
         """Which states end their episode; the classic tasks never terminate."""
         return backend.falses(self.batch_shape(state))
 
-    def make_renderer(self, size: int | None = None) -> "Renderer":
+    def make_renderer(self, size: int | None = None) -> Renderer:
         """A renderer that draws states of this task (created once per env and size).
 
         Args:
@@ -183,7 +184,7 @@ class Env:
         """Convert a state whose leaves are arrays of any backend to this env's arrays."""
         if not isinstance(state, tuple) or not hasattr(state, "_fields"):
             raise TypeError(f"expected a {self.State.__name__} NamedTuple, got {type(state).__name__}")
-        fields = getattr(state, "_asdict")()
+        fields = state._asdict()
         missing = set(self.State._fields) - set(fields)
         if missing:
             raise ValueError(

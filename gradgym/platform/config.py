@@ -198,7 +198,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
         content = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception as err:  # YAML syntax errors come in several types
+    except Exception as err:  # noqa: BLE001  (YAML syntax errors come in several types)
         raise ConfigError(f"cannot read {str(path)!r}: {err}") from None
     if not isinstance(content, dict):
         raise ConfigError(f"{str(path)!r} must hold a mapping of config keys, got {content!r}")
