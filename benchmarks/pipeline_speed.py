@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -39,7 +40,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from env_throughput import cartpole_ref  # the hand-written CartPole dynamics, per library
@@ -49,8 +51,8 @@ from gradgym.pipelines import PolicyConfig, TrajectoryConfig, policy, trajectory
 
 ENV = "CartPole"  # the env of the hand-written references
 ENVS = ("CartPole", "Pendulum", "Reacher")
-TRAJECTORY = dict(batch=32, horizon=100, lr=0.1)
-POLICY = dict(batch=64, horizon=100, lr=1e-3, grad_clip=1.0, hidden=[64, 64])
+TRAJECTORY = {"batch": 32, "horizon": 100, "lr": 0.1}
+POLICY = {"batch": 64, "horizon": 100, "lr": 1e-3, "grad_clip": 1.0, "hidden": [64, 64]}
 METHODS = ("trajectory", "policy")
 
 
@@ -186,7 +188,7 @@ def jax_references(iters: int) -> dict[str, tuple[float, float]]:
     sizes = [5, *POLICY["hidden"], 1]
     params = [
         (jax.random.uniform(key, (i, o), minval=-(i**-0.5), maxval=i**-0.5), jnp.zeros(o))
-        for i, o in zip(sizes[:-1], sizes[1:])
+        for i, o in itertools.pairwise(sizes)
     ]
     began = time.perf_counter()
     compiled_policy = jax.jit(policy_update).lower(params, tx.init(params), key).compile()

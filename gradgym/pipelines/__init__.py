@@ -13,7 +13,7 @@ exactly what its lone run reports. A lone run is a pack of one.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 from gradgym.pipelines._loop import MemberOutcome
 from gradgym.pipelines.base import PipelineResult, Report
@@ -29,9 +29,9 @@ from gradgym.pipelines.registry import PipelineSpec, get_pipeline, pack_key, pip
 __all__ = [
     "CEMConfig",
     "MemberOutcome",
+    "PPOConfig",
     "PipelineSpec",
     "PolicyConfig",
-    "PPOConfig",
     "SHACConfig",
     "TrajectoryConfig",
     "can_pack",
@@ -53,7 +53,7 @@ def run_pack(
     env: Any,
     cfgs: Sequence[Any],
     seeds: Sequence[int],
-    reports: Optional[Sequence[Optional[Report]]] = None,
+    reports: Sequence[Report | None] | None = None,
 ) -> list[MemberOutcome]:
     """Run a pack of configs of pipeline ``name`` on ``env`` as one vectorized computation.
 

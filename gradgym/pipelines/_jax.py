@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -153,7 +154,7 @@ class Trainer:
 
         return update
 
-    def compile(self, inputs: Any, eval_inputs: Optional[Any] = None) -> float:
+    def compile(self, inputs: Any, eval_inputs: Any | None = None) -> float:
         """Compile the update (and the evaluation) ahead of time; returns the seconds spent."""
         began = time.perf_counter()
         self._update = self._update.lower(self.params, self._opt_state, inputs).compile()

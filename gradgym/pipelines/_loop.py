@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from gradgym.pipelines.base import (
 )
 
 # A member's outcome: its result, or the error that stopped it (the others go on).
-MemberOutcome = Union[PipelineResult, NonFiniteReturnError]
+MemberOutcome = PipelineResult | NonFiniteReturnError
 
 
 @dataclass
@@ -55,7 +56,7 @@ class LoopSpec:
     steps_per_iter: int
     step_metrics: Sequence[str]
     next_inputs: Callable[[int], Any]
-    render: Sequence[Optional[Callable[[Any], list[np.ndarray]]]]
+    render: Sequence[Callable[[Any], list[np.ndarray]] | None]
     grad_hist_every: Sequence[int]
     eval_inputs: Any = None
     eval_every: int = 1
@@ -86,7 +87,7 @@ class _Pending:
     rows: Any  # what optimizer.step returned
     before: Any  # the pack's parameters before the step (or None when not needed)
     scored: bool  # whether the metrics of this iteration compete for the best parameters
-    eval_returns: Optional[list[float]]
+    eval_returns: list[float] | None
 
 
 class _Pack:
@@ -191,12 +192,12 @@ class _Member:
         self.grad_hist_every = spec.grad_hist_every[index]
         self.compile_time = 0.0
         self.best_score = -math.inf
-        self._best: Optional[tuple[Any, Any]] = None  # (the pack's params, optimizer)
+        self._best: tuple[Any, Any] | None = None  # (the pack's params, optimizer)
         self.history: list[dict[str, float]] = []
-        self.initial_video: Optional[list[np.ndarray]] = None
+        self.initial_video: list[np.ndarray] | None = None
         # Only a reporter that asks (a followed run's) gets the best parameters so far.
         self.wants_best_params = getattr(report, "wants_best_params", lambda: False)
-        self.outcome: Optional[MemberOutcome] = None
+        self.outcome: MemberOutcome | None = None
 
     @property
     def active(self) -> bool:

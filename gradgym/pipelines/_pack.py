@@ -4,7 +4,8 @@ and turning a pack of one back into a lone run's result or error."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from gradgym.pipelines._loop import MemberOutcome
 from gradgym.pipelines.base import PipelineResult, Report
@@ -50,7 +51,7 @@ def member_names(name: str, seeds: Sequence[int]) -> list[str]:
 
 def member_renderers(
     cfgs: Sequence[Any], render: Callable[[int, Any], list]
-) -> list[Optional[Callable[[Any], list]]]:
+) -> list[Callable[[Any], list] | None]:
     """Per member, ``params -> frames`` (``render(index, params)``), or ``None`` where the
     member's config turns rendering off."""
     return [functools.partial(render, index) if cfg.render else None for index, cfg in enumerate(cfgs)]

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import time
 import types
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -185,7 +186,7 @@ class Trainer:
         self._members = [_Member(p, cfg) for p, cfg in zip(params, cfgs)]
         self._loss_fn = loss_fn
         self._compiled = bool(cfgs[0].torch_compile)
-        self._flat_grad: Optional[torch.Tensor] = None
+        self._flat_grad: torch.Tensor | None = None
 
     @property
     def params(self) -> Any:
@@ -197,7 +198,7 @@ class Trainer:
         """The members' leaves stacked for the forward pass (gradients flow back to them)."""
         return stack_members([member.params for member in self._members])
 
-    def compile(self, inputs: Any, eval_inputs: Optional[Any] = None) -> float:
+    def compile(self, inputs: Any, eval_inputs: Any | None = None) -> float:
         """Trigger ``torch.compile`` (a gradient and an evaluation on a copy of the
         parameters, nothing applied); returns the seconds spent, 0 in eager mode."""
         if not self._compiled:

@@ -30,7 +30,7 @@ methods are called instead.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -58,7 +58,7 @@ class Report(Protocol):
     """The progress callback a pipeline calls once per iteration (and once at the end)."""
 
     def __call__(
-        self, metrics: dict[str, float], step: int, artifacts: Optional[dict[str, Any]] = None
+        self, metrics: dict[str, float], step: int, artifacts: dict[str, Any] | None = None
     ) -> None: ...
 
 
@@ -66,11 +66,11 @@ class Reporter(Protocol):
     """A progress receiver that tells iteration reports from the closing one."""
 
     def iteration(
-        self, metrics: dict[str, float], step: int, artifacts: Optional[dict[str, Any]] = None
+        self, metrics: dict[str, float], step: int, artifacts: dict[str, Any] | None = None
     ) -> None: ...
 
     def final(
-        self, metrics: dict[str, float], step: int, artifacts: Optional[dict[str, Any]] = None
+        self, metrics: dict[str, float], step: int, artifacts: dict[str, Any] | None = None
     ) -> None: ...
 
 
@@ -81,11 +81,11 @@ class CallbackReporter:
     report: Report
 
     def iteration(self, metrics: dict[str, float], step: int,
-                  artifacts: Optional[dict[str, Any]] = None) -> None:
+                  artifacts: dict[str, Any] | None = None) -> None:
         self.report(metrics, step, artifacts)
 
     def final(self, metrics: dict[str, float], step: int,
-              artifacts: Optional[dict[str, Any]] = None) -> None:
+              artifacts: dict[str, Any] | None = None) -> None:
         self.report(metrics, step, artifacts)
 
 
@@ -99,7 +99,7 @@ def as_reporter(report: Report | Reporter | None) -> Reporter:
 
 
 def no_report(
-    metrics: dict[str, float], step: int, artifacts: Optional[dict[str, Any]] = None
+    metrics: dict[str, float], step: int, artifacts: dict[str, Any] | None = None
 ) -> None:
     """The default callback: report nothing."""
 

@@ -14,7 +14,8 @@ There is no gradient, so no ``grad_*`` metrics.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -152,7 +153,7 @@ class CrossEntropyPlanner:
         )
         return new_mean, new_std, metrics
 
-    def compile(self, inputs: Any, eval_inputs: Optional[Any] = None) -> float:
+    def compile(self, inputs: Any, eval_inputs: Any | None = None) -> float:
         """Compile the iteration and the evaluation (jax); returns the seconds spent."""
         _, keys = self._ops.split_members(self._env.backend, self._rng)
         args = (self.params, self._std, keys, inputs, self._population_start, self._hyper)
@@ -186,7 +187,7 @@ class CrossEntropyPlanner:
 
 
 def optimize(
-    env: Env, cfg: Optional[CEMConfig] = None, seed: int = 0, report: Optional[Report] = None
+    env: Env, cfg: CEMConfig | None = None, seed: int = 0, report: Report | None = None
 ) -> PipelineResult:
     """Plan open-loop actions for ``cfg.batch`` start states of ``env`` with CEM.
 

@@ -9,8 +9,9 @@ allowed, so that every caller can word the message its own way.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -143,7 +144,7 @@ def validate_config(cfg: Any, pipeline: str | None = None) -> None:
     if pipeline is not None and name != pipeline:
         raise ValueError(f"the {pipeline} pipeline needs its own config, got {cfg!r}")
     if not callable(getattr(cfg, "validate", None)):
-        raise ValueError(f"expected a pipeline config dataclass, got {type(cfg).__name__}")
+        raise ValueError(f"expected a pipeline config dataclass, got {type(cfg).__name__}")  # noqa: TRY004  (the pipelines' one error type for bad configs)
     cfg.validate()
 
 

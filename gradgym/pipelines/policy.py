@@ -13,8 +13,10 @@ numpy streams of the seed, so every backend trains from the same numbers.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +55,7 @@ def init_mlp(env: Env, rng: np.random.Generator, sizes: list[int]) -> list[tuple
     Drawn on the host from ``rng`` and moved to ``env``'s backend and dtype.
     """
     layers = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+    for fan_in, fan_out in itertools.pairwise(sizes):
         bound = 1.0 / math.sqrt(fan_in)
         weight = rng.uniform(-bound, bound, size=(fan_in, fan_out))
         bias = rng.uniform(-bound, bound, size=(fan_out,))
@@ -104,7 +106,7 @@ def packed_policy_loss(
 
 
 def optimize(
-    env: Env, cfg: Optional[PolicyConfig] = None, seed: int = 0, report: Optional[Report] = None
+    env: Env, cfg: PolicyConfig | None = None, seed: int = 0, report: Report | None = None
 ) -> PipelineResult:
     """Train an MLP policy on ``env`` by BPTT.
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Optional
+from typing import Any
 
 from gradgym.pipelines.base import FINAL_METRICS, LOOP_METRICS
 
@@ -57,13 +58,13 @@ class PipelineSpec:
     backends: tuple[str, ...]
     needs_gradients: bool
     step_metrics: tuple[str, ...]
-    eval_metric: Optional[str] = None
+    eval_metric: str | None = None
     schedule_metric: str = "return_mean"
     summary: str = ""
-    optimize_pack: Optional[Callable[..., list[Any]]] = None
+    optimize_pack: Callable[..., list[Any]] | None = None
     packable_fields: tuple[str, ...] = ()
     iterations: Callable[[Any], int] = lambda cfg: int(cfg.iters)
-    replay: Optional[Callable[[Any], Any]] = None
+    replay: Callable[[Any], Any] | None = None
 
     @property
     def iteration_metrics(self) -> tuple[str, ...]:

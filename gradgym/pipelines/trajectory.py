@@ -16,7 +16,8 @@ to the env's backend, i.e. the same ``B`` start states on every backend. Example
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,7 @@ def packed_open_loop_loss(
 
 
 def optimize(
-    env: Env, cfg: Optional[TrajectoryConfig] = None, seed: int = 0, report: Optional[Report] = None
+    env: Env, cfg: TrajectoryConfig | None = None, seed: int = 0, report: Report | None = None
 ) -> PipelineResult:
     """Optimize open-loop action sequences for ``cfg.batch`` start states of ``env``.
 
