@@ -8,6 +8,7 @@ import json
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import imageio.v3 as iio
@@ -147,9 +148,7 @@ def test_ui_stops_everything_it_started_on_a_signal(tmp_path, stop_signal):
         started = {process.pid} | {c.pid for c in psutil.Process(process.pid).children(recursive=True)}
         assert len(started) >= 2, "the server runs in processes of its own"
         process.send_signal(stop_signal)  # to the command only, as `kill PID` does
-        assert process.wait(timeout=60) == 0
-        output = process.stdout.read().decode()
-        assert f"http://127.0.0.1:{port}/#/experiments" in output, output[-2000:]
+        assert process.wait(timeout=60) == 0, "".join(process.lines)[-2000:]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(psutil.pid_exists(pid) for pid in started - {process.pid}):
             time.sleep(0.2)
@@ -163,20 +162,33 @@ def test_ui_stops_everything_it_started_on_a_signal(tmp_path, stop_signal):
 
 
 def _start_ui(cwd) -> tuple[subprocess.Popen, int]:
-    """``gradgym ui`` on a free port, in its own process group, once it answers."""
+    """``gradgym ui`` on a free port, in its own process group, once it has announced its
+    address (what a user waits for; the port may answer a moment before) and answers.
+
+    A thread reads the command's output (the server's too, which shares the pipe) into
+    ``process.lines``, so that a full pipe never blocks either of them.
+    """
     port = free_port()
     process = subprocess.Popen(
         [shutil.which("gradgym"), "ui", "--port", str(port)], cwd=cwd, env=clean_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True,
     )
+    process.lines = []
+
+    def read() -> None:
+        for line in process.stdout:
+            process.lines.append(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    url = f"http://127.0.0.1:{port}/#/experiments"
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not _answers(port):
+    while time.monotonic() < deadline and not any(url in line for line in process.lines):
         if process.poll() is not None:
-            raise AssertionError(process.stdout.read().decode()[-2000:])
-        time.sleep(0.5)
-    if not _answers(port):
+            raise AssertionError("".join(process.lines)[-2000:])
+        time.sleep(0.2)
+    if not (any(url in line for line in process.lines) and _answers(port)):
         stop_process_group(process)
-        raise AssertionError("the dashboard did not come up")
+        raise AssertionError(f"the dashboard did not come up: {''.join(process.lines)[-2000:]}")
     return process, port
 
 
