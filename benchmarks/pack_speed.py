@@ -82,6 +82,10 @@ def fold_vs_vmap(env_name: str, members: int, repeats: int = 20) -> tuple[float,
     return times[0], times[1]
 
 
+def load_average() -> str:
+    return " ".join(f"{load:.2f}" for load in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, nargs="+", default=[1, 8, 32, 64])
@@ -94,7 +98,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}")
-    print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"# load average before: {load_average()}")
     print("| env | backend | M | lone ms/iter | M lone runs ms/iter | pack ms/iter "
           "| speedup (M lone / pack) | pack / lone | pack compile s |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -116,7 +120,7 @@ def main() -> None:
                 fold, vmap = fold_vs_vmap(env_name, members)
                 print(f"| {env_name} | {members} | {fold * 1e3:.2f} | {vmap * 1e3:.2f} | "
                       f"{vmap / fold:.2f}x |", flush=True)
-    print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"# load average after: {load_average()}")
 
 
 if __name__ == "__main__":

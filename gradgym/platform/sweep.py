@@ -46,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from ray.tune import Callback
 
 from gradgym.platform import mlflow_tracking
+from gradgym.platform.asha import RecordingASHA, stopped_trial_ids
 from gradgym.platform.config import (
     ConfigError,
     compose_run_config,
@@ -569,8 +570,6 @@ def _trial_slots(cfg: DictConfig) -> int:
 def _scheduler(cfg: DictConfig, sweep_dir: Path) -> Any:
     if cfg.scheduler != "asha":
         return None
-    from gradgym.platform.asha import RecordingASHA
-
     iters = max(planned_iterations(trial) for trial in trial_run_configs(cfg))
     # max_t past the last iteration: ASHA stops a trial *at* max_t, which would cut a
     # trial that is finishing anyway.
@@ -795,8 +794,6 @@ def _collect(cfg: DictConfig, sweep_dir: Path, results: Any) -> tuple[list[dict]
     """One summary row per config and the iteration histories of the finished ones."""
     swept = [k for k in _swept_keys(cfg) if k not in _NAMED_FIRST]
     rows, curves = [], []
-    from gradgym.platform.asha import stopped_trial_ids
-
     stopped_early = stopped_trial_ids(sweep_dir / STOPPED_EARLY_FILE)
     for result in results:
         if not result.config:  # a trial Tune made but never started (the sweep was stopped)
