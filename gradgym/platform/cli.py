@@ -250,17 +250,20 @@ def _die_with_parent() -> None:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    # First, so that a SIGTERM while MLflow is imported stops this command cleanly too.
+    # First, so that a signal while MLflow is imported stops this command cleanly too. SIGINT
+    # gets the handler as well: a process started in the background inherits SIGINT ignored,
+    # and Python then keeps ignoring it (no KeyboardInterrupt).
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _serve_ui(args)
     except KeyboardInterrupt:
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _serve_ui(args: argparse.Namespace) -> int:
