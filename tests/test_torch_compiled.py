@@ -42,8 +42,9 @@ def mlp_act(params, obs, unused):
     return hidden
 
 
-@pytest.mark.parametrize("env_name", CLASSIC)
-def test_compiled_chunks_give_eager_returns_and_gradients(env_name, tmp_path):
+@pytest.mark.parametrize(("env_name", "simd"), [(name, True) for name in CLASSIC]
+                         + [("CartPole", False)])
+def test_compiled_chunks_give_eager_returns_and_gradients(env_name, simd, tmp_path):
     env = gradgym.make(env_name, backend="torch", dtype="float64")
     generator = torch.Generator().manual_seed(0)
     sizes = [env.spec.obs_dim, 8, env.spec.act_dim]
@@ -60,7 +61,7 @@ def test_compiled_chunks_give_eager_returns_and_gradients(env_name, tmp_path):
     eager_grads = torch.autograd.grad(eager.sum(), leaves)
     counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        compiled_step = CompiledChunks(step, chunk=3)
+        compiled_step = CompiledChunks(step, chunk=3, simd=simd)
         compiled = mlp_returns(env, compiled_step, weights, start, horizon=6)
         compiled_grads = torch.autograd.grad(compiled.sum(), leaves)
     assert not counters["graph_break"], dict(counters["graph_break"])

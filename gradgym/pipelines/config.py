@@ -72,6 +72,7 @@ class TrajectoryConfig(_GradientCommon):
     render: bool = True  # report frames of the initial and best trajectory
     torch_compile: bool = False  # torch: compile chunks of the rollout (see _torch.py)
     torch_compile_chunk: int = 10  # env steps per compiled chunk (a divisor of the horizon)
+    torch_compile_simd: bool = False  # vectorized CPU code: ~2x the compile, ~10% faster here
 
     def validate(self) -> None:
         super().validate()
@@ -98,6 +99,7 @@ class PolicyConfig(_GradientCommon):
     render: bool = True
     torch_compile: bool = False  # torch: compile chunks of the rollout (see _torch.py)
     torch_compile_chunk: int = 10  # env steps per compiled chunk (a divisor of the horizon)
+    torch_compile_simd: bool = True  # vectorized CPU code for the MLP's layers
 
     def validate(self) -> None:
         super().validate()
