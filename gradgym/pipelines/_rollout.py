@@ -62,8 +62,13 @@ def start_states(env: Env, rng: Any, batch: int) -> Any:
     ``rng`` is an int seed or a ``numpy.random.Generator``; seed ``s`` gives the same start
     states on every backend (those of ``make(name, backend='numpy').reset(s, batch)``).
     """
+    return env.as_state(_host_start_states(env, rng, batch))
+
+
+def _host_start_states(env: Env, rng: Any, batch: int) -> Any:
+    """:func:`start_states` as numpy arrays."""
     twin = Env(env.task, get_backend("numpy", env.spec.dtype))
-    return env.as_state(twin.reset(rng, batch=batch))
+    return twin.reset(rng, batch=batch)
 
 
 def host_uniform(env: Env, rng: np.random.Generator, shape: tuple[int, ...], scale: float) -> Any:
@@ -140,8 +145,11 @@ def fold_members(xp: Any, tree: Any) -> Any:
 
 
 def member_states(env: Env, seeds: list[Any], batch: int) -> Any:
-    """Each member's :func:`start_states` (from its own seed or generator), ``[M, B, ...]``."""
-    return stack_trees(env.xp, [start_states(env, seed, batch) for seed in seeds])
+    """Each member's :func:`start_states` (from its own seed or generator), ``[M, B, ...]``.
+
+    Stacked on the host, so that the device receives one array per state field (drawn
+    every iteration by the policy pipeline: per-array transfers and stacks showed there)."""
+    return env.as_state(stack_trees(np, [_host_start_states(env, seed, batch) for seed in seeds]))
 
 
 # ---------------------------------------------------------------------- rollouts

@@ -87,6 +87,8 @@ def packed_mlp_action(xp: Any, params: list[tuple[Any, Any]], obs: Any, unused: 
     obs_dim]`` (member-major): each member's rows go through its own weights (batched
     matmul), so the pack steps the env once per time step."""
     members = params[0][0].shape[0]
+    if members == 1:  # a lone run: a plain matmul, whose gradient XLA computes faster
+        return mlp_action(xp, [(weight[0], bias[0]) for weight, bias in params], obs)
     hidden = xp.reshape(obs, (members, -1, obs.shape[-1]))
     for weight, bias in params:
         hidden = xp.tanh(hidden @ weight + bias[:, None, :])
