@@ -159,3 +159,17 @@ def test_no_run_records_test_hooks(tmp_path, monkeypatch):
     for folder in ("a", "b"):
         assert "testing" not in RunRecord(tmp_path / folder).read_config()
     assert not any(f.name == "testing" for f in dataclasses.fields(type(OmegaConf.to_object(crashing))))
+
+
+@pytest.mark.parametrize(("backend", "compiles"), [("jax", True), ("numpy", False)])
+def test_the_progress_bar_says_compiling_until_the_first_iteration(tmp_path, capsys, backend,
+                                                                   compiles):
+    cfg = compose_run_config([
+        "pipeline=cem", f"backend={backend}", "env=Pendulum", "pipeline.iters=3",
+        "pipeline.horizon=10", "pipeline.population=8", "pipeline.elites=2", "pipeline.render=false",
+        f"run_dir={tmp_path / 'run'}", "tracking.enabled=false", "progress=true",
+    ])
+    assert execute_run(cfg)["status"] == "FINISHED"
+    shown = capsys.readouterr().err
+    assert ("compiling" in shown) is compiles, shown
+    assert "3/3" in shown and "return_mean=" in shown

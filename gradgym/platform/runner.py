@@ -410,6 +410,8 @@ class _Recorder:
         self.iter_times.append(metrics.get("iter_time_s", math.nan))
         self.returns.append(metrics.get("return_mean", math.nan))
         if self._bar is not None:
+            if self._bar.n == 0:  # rate and ETA from here on: the compile before is left out
+                self._bar.reset()
             self._bar.update(1)
             self._bar.set_postfix(return_mean=f"{metrics.get('return_mean', math.nan):.4g}", refresh=False)
         if self.on_iteration is not None:
@@ -448,8 +450,16 @@ def _progress_bar(cfg: DictConfig) -> Any:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=planned_iterations(cfg), desc=f"{cfg.pipeline.name} {cfg.env} ({cfg.backend})",
-                unit="it", dynamic_ncols=True)
+    bar = tqdm(total=planned_iterations(cfg), desc=f"{cfg.pipeline.name} {cfg.env} ({cfg.backend})",
+               unit="it", dynamic_ncols=True)
+    if _compiles(cfg):  # a cold torch compile can take half a minute before the first iteration
+        bar.set_postfix_str("compiling (a cache folder makes the next run's compile quick)")
+    return bar
+
+
+def _compiles(cfg: DictConfig) -> bool:
+    """Whether the run compiles before its first iteration (jax; torch with torch_compile)."""
+    return cfg.backend == "jax" or bool(cfg.pipeline.get("torch_compile", False))
 
 
 def _limit_threads(cfg: DictConfig) -> None:
