@@ -453,7 +453,8 @@ def _progress_bar(cfg: DictConfig) -> Any:
     bar = tqdm(total=planned_iterations(cfg), desc=f"{cfg.pipeline.name} {cfg.env} ({cfg.backend})",
                unit="it", dynamic_ncols=True)
     if _compiles(cfg):  # a cold torch compile can take half a minute before the first iteration
-        bar.set_postfix_str("compiling (a cache folder makes the next run's compile quick)")
+        cached = " (kept in the compile cache for the next run)" if cfg.compile_cache else ""
+        bar.set_postfix_str(f"compiling{cached}")
     return bar
 
 
