@@ -10,11 +10,16 @@ the variants interleaved (a shared machine's load hits them alike):
   autograd's runtime wrappers, inductor's Python wrapper);
 - ``direct``: the same chunk traced with ``make_fx`` and compiled with inductor's
   ``compile_fx`` (AOT autograd + inductor, no dynamo), called without guards;
+- ``export``: the chunk exported with ``torch.export`` and compiled ahead of time by
+  AOTInductor, and its VJP (traced with ``make_fx``, the forward recomputed) likewise, both
+  called from one ``torch.autograd.Function`` per chunk: no dynamo, no AOT autograd
+  wrappers, C++ wrappers around the kernels;
 - ``<variant>+<option>=<value>``: a variant compiled with one inductor option,
-  e.g. ``dynamo+cpp.simdlen=1`` or ``dynamo+cpp_wrapper=1``.
+  e.g. ``dynamo+cpp.simdlen=1`` or ``export+cpp.simdlen=1``.
 
     python benchmarks/torch_chunk_overhead.py --env CartPole --variants dynamo direct
     python benchmarks/torch_chunk_overhead.py --variants dynamo dynamo+cpp.simdlen=1
+    python benchmarks/torch_chunk_overhead.py --variants dynamo+cpp.simdlen=1 export+cpp.simdlen=1
 
 Compile seconds are wall and CPU (this process and its compiler subprocesses); the CPU
 figure is the one to compare on a loaded machine. Cold or warm depends on ``--cache``.
@@ -84,6 +89,98 @@ class DirectChunk:
             return compile_fx(graph, tensors)
 
 
+class ExportChunk:
+    """A chunk (``params=None``: trajectory) exported with ``torch.export`` and compiled by
+    AOTInductor, forward and VJP, run by :class:`_ExportedChunk`.
+
+    Only for this probe: every call must see the first call's shapes and dtypes (inputs are
+    made contiguous: the compiled kernels assume the example's strides)."""
+
+    def __init__(self, fn: Callable, options: dict[str, Any]):
+        self.fn, self.options = fn, options
+        self.forward: Callable | None = None
+        self.vjp: Callable | None = None
+        self.out_tree: Any = None
+        self.float_outputs: list[torch.Tensor] = []
+        self.is_float: list[bool] = []
+
+    def __call__(self, params: Any, carry: Any, xs: torch.Tensor) -> Any:
+        assert params is None, "the export probe runs open-loop (trajectory) chunks"
+        self.carry_tree = carry
+        inputs = [leaf.contiguous() for leaf in tree_leaves(carry)] + [xs.contiguous()]
+        if self.forward is None:
+            self._compile(inputs)
+        outputs = iter(_ExportedChunk.apply(self, *inputs))
+        return tree_map(lambda leaf: next(outputs), self.out_tree)
+
+    def flat(self, *inputs: torch.Tensor) -> tuple:
+        leaves = iter(inputs[:-1])
+        carry = tree_map(lambda leaf: next(leaves), self.carry_tree)
+        self.out_tree = self.fn(None, carry, inputs[-1])
+        return tuple(tree_leaves(self.out_tree))
+
+    def flat_vjp(self, *inputs_and_cotangents: torch.Tensor) -> tuple:
+        count = len(inputs_and_cotangents) - len(self.float_outputs)
+        inputs, cotangents = inputs_and_cotangents[:count], inputs_and_cotangents[count:]
+
+        def float_outputs(*args: torch.Tensor) -> tuple:
+            return tuple(out for out in self.flat(*args) if out.is_floating_point())
+
+        _, pullback = torch.func.vjp(float_outputs, *inputs)
+        return pullback(tuple(cotangents))
+
+    def _compile(self, inputs: list[torch.Tensor]) -> None:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        folder = tempfile.mkdtemp(prefix="gradgym-export-")
+
+        def aot(module: torch.nn.Module | Callable, args: tuple, name: str) -> Callable:
+            program = torch.export.export(module, args)
+            package = torch._inductor.aoti_compile_and_package(
+                program, package_path=os.path.join(folder, f"{name}.pt2"),
+                inductor_configs=self.options)
+            return torch._inductor.aoti_load_package(package)
+
+        outputs = self.flat(*inputs)
+        self.is_float = [out.is_floating_point() for out in outputs]
+        self.float_outputs = [out for out in outputs if out.is_floating_point()]
+        self.forward = aot(_AsModule(self.flat), tuple(inputs), "forward")
+        cotangents = tuple(torch.ones_like(out) for out in self.float_outputs)
+        traced_vjp = make_fx(self.flat_vjp)(*inputs, *cotangents)
+        self.vjp = aot(traced_vjp, tuple(inputs) + cotangents, "vjp")
+
+
+class _AsModule(torch.nn.Module):
+    """A function as the module ``torch.export`` takes."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return self.fn(*args)
+
+
+class _ExportedChunk(torch.autograd.Function):
+    """One exported chunk under autograd: its inputs are kept, its VJP recomputes the forward."""
+
+    @staticmethod
+    def forward(ctx: Any, chunk: ExportChunk, *inputs: torch.Tensor) -> tuple:
+        ctx.chunk = chunk
+        ctx.save_for_backward(*inputs)
+        outputs = tuple(chunk.forward(*inputs))
+        ctx.mark_non_differentiable(*[out for out in outputs if not out.is_floating_point()])
+        return outputs
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
+        chunk = ctx.chunk
+        float_grads = [g for g, is_float in zip(grads, chunk.is_float) if is_float]
+        cotangents = [torch.zeros_like(out) if g is None else g.contiguous()
+                      for g, out in zip(float_grads, chunk.float_outputs)]
+        return (None, *chunk.vjp(*ctx.saved_tensors, *cotangents))
+
+
 class ProbeChunks(CompiledChunks):
     """``CompiledChunks`` whose chunk is compiled by one probe variant."""
 
@@ -100,6 +197,8 @@ class ProbeChunks(CompiledChunks):
             fn = _unrolled(self.step, length)
             if self.kind == "direct":
                 self._compiled[length] = DirectChunk(fn, self.options)
+            elif self.kind == "export":
+                self._compiled[length] = ExportChunk(fn, self.options)
             else:
                 self._compiled[length] = torch.compile(fn, dynamic=False, options=self.options)
         return self._compiled[length]
