@@ -535,6 +535,12 @@ def test_ivy_env_is_refused_with_the_backends_that_work(tmp_path, monkeypatch):
         (policy, PolicyConfig(hidden=[64, 0]), r"policy.hidden=\[64, 0\] is invalid"),
         (policy, PolicyConfig(grad_horizon=-1), r"policy.grad_horizon=-1"),
         (
+            trajectory,
+            TrajectoryConfig(torch_compile_simd="no"),
+            r"trajectory.torch_compile_simd='no' is invalid; allowed: true or false",
+        ),
+        (policy, PolicyConfig(torch_compile=1), r"policy.torch_compile=1 is invalid"),
+        (
             cem,
             CEMConfig(elites=65),
             r"cem.elites=65 is invalid; allowed: an int in \[1, population=64\]",

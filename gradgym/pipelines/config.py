@@ -49,6 +49,8 @@ class _GradientCommon(_Common):
         _check(self, "grad_clip", lambda v: _number(v) and v >= 0, "a number >= 0 (0 disables)")
         _check(self, "grad_hist_every", _non_negative_int, "an int >= 0 (0 disables)")
         _check(self, "torch_compile_chunk", _positive_int, "an int >= 1 (env steps per chunk)")
+        for flag in ("torch_compile", "torch_compile_simd"):  # a string would read as true
+            _check(self, flag, lambda v: isinstance(v, bool), "true or false")
 
 
 @dataclass
