@@ -100,6 +100,7 @@ class ExportChunk:
         self.fn, self.options = fn, options
         self.forward: Callable | None = None
         self.vjp: Callable | None = None
+        self.carry_tree: Any = None  # the structure of the carry, set by every call
         self.out_tree: Any = None
         self.float_outputs: list[torch.Tensor] = []
         self.is_float: list[bool] = []
