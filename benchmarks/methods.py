@@ -27,13 +27,13 @@ Every run uses a compile cache in a temporary folder, so seeds after the first o
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from typing import Any
 
 import numpy as np
 import torch
+from machine_load import load_average
 
 import gradgym
 from gradgym.pipelines import PolicyConfig, PPOConfig, SHACConfig, run_pipeline
@@ -41,10 +41,6 @@ from gradgym.pipelines.compile_cache import enable_compile_cache
 
 CLASSIC_BPTT_LEARNS = ("CartPole", "MountainCar", "Reacher", "Swimmer")
 CONFIGS = {"ppo": PPOConfig, "shac": SHACConfig, "policy": PolicyConfig}
-
-
-def load() -> str:
-    return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
 def train(method: str, env_name: str, backend: str, seed: int, **fields: Any) -> dict:
@@ -76,13 +72,13 @@ def mean_std(values: list[float]) -> str:
 
 
 def part_ppo(seeds: list[int]) -> None:
-    print(f"\n== PPO on Pendulum, 100k env steps, held-out return (target >= 55) [{load()}]")
+    print(f"\n== PPO on Pendulum, 100k env steps, held-out return (target >= 55) [load average {load_average()}]")
     for backend in ("jax", "torch"):
         runs = [train("ppo", "Pendulum", backend, s, env_steps=100_000) for s in seeds]
         finals = [r["final"] for r in runs]
         print(f"{backend:6s} initial {mean_std([r['initial'] for r in runs])} -> final "
               f"{mean_std(finals)} (per seed {', '.join(f'{f:.1f}' for f in finals)}), "
-              f"wall {np.mean([r['wall'] for r in runs]):.1f} s [{load()}]")
+              f"wall {np.mean([r['wall'] for r in runs]):.1f} s [load average {load_average()}]")
 
 
 def gradgym_rollout_rate(backend: str, num_envs: int, num_steps: int, repeats: int) -> float:
@@ -148,13 +144,13 @@ def sb3_rollout_rate(steps: int) -> float:
 
 
 def part_rollout() -> None:
-    print(f"\n== PPO rollout phase on Pendulum: env steps/s (target >= 10x SB3) [{load()}]")
+    print(f"\n== PPO rollout phase on Pendulum: env steps/s (target >= 10x SB3) [load average {load_average()}]")
     sb3 = sb3_rollout_rate(4096)
     print(f"SB3 PPO collect_rollouts (1 gymnasium env):  {sb3:10.0f} steps/s")
     for backend, num_envs in (("jax", 32), ("jax", 1024), ("torch", 32), ("torch", 1024)):
         rate = gradgym_rollout_rate(backend, num_envs, 64, repeats=20 if backend == "jax" else 3)
         print(f"gradgym {backend:5s} {num_envs:5d} envs x 64 steps:     {rate:10.0f} steps/s "
-              f"= {rate / sb3:6.1f}x SB3 [{load()}]")
+              f"= {rate / sb3:6.1f}x SB3 [load average {load_average()}]")
 
 
 def steps_to_reach(curve: list[tuple[float, float]], target: float) -> float:
@@ -178,7 +174,7 @@ def part_shac(seeds: list[int], shac_steps: int, envs: list[str]) -> None:
     ppo_steps = 100_000
     print(f"\n== SHAC vs PPO: env steps to reach PPO's final return (PPO {ppo_steps} steps; SHAC "
           f"up to {shac_steps}, defaults {SHACConfig().num_envs} envs x "
-          f"{SHACConfig().num_steps} steps), jax, {len(seeds)} seeds [{load()}]")
+          f"{SHACConfig().num_steps} steps), jax, {len(seeds)} seeds [load average {load_average()}]")
     for env_name in envs:
         ppo = [train("ppo", env_name, "jax", s, env_steps=ppo_steps) for s in seeds]
         shac = [train("shac", env_name, "jax", s, env_steps=shac_steps, eval_every=2)
@@ -192,13 +188,13 @@ def part_shac(seeds: list[int], shac_steps: int, envs: list[str]) -> None:
               f"{mean_std([r['final'] for r in shac])}; reaches {target:.1f} at "
               f"{', '.join('never' if np.isnan(x) else f'{x:.0f}' for x in reach)} steps "
               f"-> {ratio:.2f}x fewer than PPO ({reached.size}/{len(seeds)} seeds); best "
-              f"within {ppo_steps // 10} steps {mean_std(early)} [{load()}]", flush=True)
+              f"within {ppo_steps // 10} steps {mean_std(early)} [load average {load_average()}]", flush=True)
 
 
 def part_mujoco(iters: int, num_envs: int) -> None:
     window = SHACConfig().num_steps
     print(f"\n== SHAC on MuJoCo through the Jacobian bridge ({num_envs} envs x {window} steps, "
-          f"{iters} iterations) [{load()}]")
+          f"{iters} iterations) [load average {load_average()}]")
     for env_name in ("HalfCheetah-v5", "Hopper-v5"):
         for backend in ("jax", "torch"):
             run = train("shac", env_name, backend, 0, iters=iters, num_envs=num_envs,
@@ -207,13 +203,13 @@ def part_mujoco(iters: int, num_envs: int) -> None:
             print(f"{env_name:15s} {backend:5s} held-out {run['initial']:8.1f} -> "
                   f"{run['final']:8.1f}; {run['iter_time']:.2f} s/iteration "
                   f"({num_envs * window / run['iter_time']:.0f} env steps/s), compile "
-                  f"{run['compile']:.1f} s [{load()}]")
+                  f"{run['compile']:.1f} s [load average {load_average()}]")
 
 
 def part_table(seeds: list[int], budget: int, envs: list[str]) -> None:
     print(f"\n== method x env at {budget} env steps (policy: {budget // 6400} iterations of "
           f"64 x 100), held-out return and wall time, jax, {len(seeds)} seeds; and the env "
-          f"steps SHAC and BPTT need to reach PPO's final return [{load()}]")
+          f"steps SHAC and BPTT need to reach PPO's final return [load average {load_average()}]")
     print(f"{'env':12s} {'method':7s} {'initial':>15s} {'final':>15s} {'wall s':>8s} "
           f"{'steps to PPO final':>20s}")
     for env_name in envs:
@@ -228,7 +224,7 @@ def part_table(seeds: list[int], budget: int, envs: list[str]) -> None:
             reached = ", ".join("never" if np.isnan(x) else f"{x / 1e3:.0f}k" for x in reach)
             print(f"{env_name:12s} {method:7s} {mean_std([r['initial'] for r in group]):>15s} "
                   f"{mean_std([r['final'] for r in group]):>15s} "
-                  f"{np.mean([r['wall'] for r in group]):8.1f} {reached:>20s} [{load()}]",
+                  f"{np.mean([r['wall'] for r in group]):8.1f} {reached:>20s} [load average {load_average()}]",
                   flush=True)
 
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import platform
 import time
 from dataclasses import replace
 
 import numpy as np
+from machine_load import load_average
 
 import gradgym
 from gradgym.pipelines import TrajectoryConfig, run_pack
@@ -80,10 +80,6 @@ def fold_vs_vmap(env_name: str, members: int, repeats: int = 20) -> tuple[float,
             jax.block_until_ready(grad(logits, start))
         times.append((time.perf_counter() - began) / repeats)
     return times[0], times[1]
-
-
-def load_average() -> str:
-    return " ".join(f"{load:.2f}" for load in os.getloadavg())
 
 
 def main() -> None:

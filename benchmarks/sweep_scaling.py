@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import yaml
+from machine_load import load_average
 
 from gradgym.platform.sweep import SweepOutcome, start_sweep
 
@@ -90,10 +91,6 @@ def describe(label: str, outcome: SweepOutcome, wall: float, cpus: int) -> dict[
     return figures
 
 
-def load() -> str:
-    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iters", type=int, default=200)
@@ -111,7 +108,7 @@ def main() -> None:
     print(f"{configs}-config sweep: trajectory optimization (T=100, B=32, {args.iters} iterations), "
           f"{len(ENVS)} envs x jax, torch x {args.seeds} seeds x {args.lrs} learning rates; "
           f"{args.cpus} CPUs; {'with' if args.artifacts else 'without'} GIFs and gradient "
-          f"histograms; {load()}", flush=True)
+          f"histograms; load average {load_average()}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="gradgym-sweep-scaling-") as tmp:
         folder = Path(tmp)
@@ -130,7 +127,7 @@ def main() -> None:
             alone = describe("pack: 1 (2 seeds, 1 lr per env/backend)", alone_outcome, alone_wall, args.cpus)
             print(f"{'configs per minute, packed / pack: 1':34} "
                   f"{on['configs_per_min'] / alone['configs_per_min']:.1f}x (target >= 10x)")
-    print(f"targets: the {configs}-config sweep in <= 300 s (took {on['wall_s']:.0f} s); {load()}")
+    print(f"targets: the {configs}-config sweep in <= 300 s (took {on['wall_s']:.0f} s); load average {load_average()}")
 
 
 if __name__ == "__main__":

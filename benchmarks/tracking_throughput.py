@@ -45,6 +45,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from machine_load import load_average
+
 from gradgym.platform.config import compose_run_config
 from gradgym.platform.records import RunRecord
 from gradgym.platform.tracking import RunIdentity, open_tracker
@@ -157,7 +159,7 @@ def main() -> None:
 
     points = args.runs * (args.iters * args.metrics + 2)
     print(f"{args.runs} runs x {args.iters} iterations x {args.metrics} metrics = {points} points, "
-          f"one process; load average before: {_load()}")
+          f"one process; load average before: {load_average()}")
     with tempfile.TemporaryDirectory() as tmp:
         _, local_cpu = log_runs(Path(tmp) / "local", ["tracking.enabled=false"], args.runs, args.iters,
                                 args.metrics)
@@ -167,7 +169,7 @@ def main() -> None:
             folder = Path(tmp) / path
             folder.mkdir()
             rows.append(measure(path, folder, args, local_cpu))
-            print(f"  {path}: done, load average {_load()}", flush=True)
+            print(f"  {path}: done, load average {load_average()}", flush=True)
     print()
     print(f"{'path':<10} {'wall s':>8} {'points/s':>10} {'CPU s/1000':>11} {'delivery':>9} {'server':>8}")
     for row in rows:
@@ -179,11 +181,7 @@ def main() -> None:
         ratio = by_path["log_batch"]["delivery_cpu_per_1000"] / max(by_path["bulk"]["delivery_cpu_per_1000"], 1e-9)
         print(f"\nbulk vs log_batch: {by_path['bulk']['points_per_s'] / by_path['log_batch']['points_per_s']:.1f}x "
               f"the points/s, {ratio:.1f}x less delivery CPU per point")
-    print(f"load average after: {_load()}")
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"load average after: {load_average()}")
 
 
 if __name__ == "__main__":
