@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from gradgym.envs.host import HOST_XP
+from gradgym.envs.mujoco.base import HostMujocoState, MujocoState, all_finite, per_state
 
 VECTORS = [np.array([True, True, True]), np.array([True, False, True]), np.array([], bool),
            np.array([False])]
@@ -39,3 +40,38 @@ def test_reshape_is_numpys_and_keeps_views():
     copied = HOST_XP.reshape(x, (4, 3), copy=True)
     np.testing.assert_array_equal(copied, np.reshape(x, (4, 3)))
     assert not np.shares_memory(copied, x)
+
+
+FINITE_CASES = [np.array([0.5, -2.0, 3.0]), np.array([1e300, -1e300, 1e300]), np.array([0.0, np.nan]),
+                np.array([np.inf, 1.0]), np.array([-np.inf]), np.array([])]
+
+
+@pytest.mark.parametrize("x", FINITE_CASES, ids=str)
+def test_all_finite_of_one_env_is_numpys(x):
+    # huge finite entries must not overflow into "not finite"
+    assert all_finite(HOST_XP, x) == np.all(np.isfinite(x))
+
+
+def test_all_finite_of_a_batch_is_per_row():
+    batch = np.array([[0.0, 1.0], [np.nan, 1.0], [1e308, -1e308]])
+    np.testing.assert_array_equal(all_finite(np, batch), [True, False, True])
+
+
+def test_per_state_memoizes_on_host_states_only():
+    calls = []
+
+    class Task:
+        @per_state
+        def twice(self, xp, state):
+            calls.append(state)
+            return state.qpos * 2
+
+    leaves = (np.ones(2), np.ones(2), np.zeros(1), np.float64(0.0), np.empty(0), None)
+    task, host = Task(), HostMujocoState.of(*leaves)
+    assert task.twice(HOST_XP, host) is task.twice(HOST_XP, host)
+    assert len(calls) == 1
+    task.twice(HOST_XP, HostMujocoState.of(*leaves))  # another state: computed again
+    functional = MujocoState(*leaves)
+    task.twice(np, functional)
+    task.twice(np, functional)
+    assert len(calls) == 4 and not hasattr(functional, "__dict__")

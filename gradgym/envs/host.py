@@ -101,9 +101,6 @@ HOST_XP.__dict__.update(
     stack=_stack,
     # the method, not np.reshape's Python wrapper (several a step on the readouts)
     reshape=lambda x, shape, copy=None: x.reshape(shape) if copy is None else np.reshape(x, shape, copy=copy),
-    # Memoize per state (see mujoco.base.per_state): the host path asks the reward, the
-    # termination and the observation of the same state, which share parts.
-    memoize=True,
 )
 
 HOST_BACKEND = types.SimpleNamespace(

@@ -28,6 +28,7 @@ from gradgym.envs.mujoco.base import (
     Camera,
     MujocoState,
     MujocoTask,
+    all_finite,
     component,
     inside,
     locomotion_terms,
@@ -95,7 +96,7 @@ class Ant(MujocoTask):
     def healthy(self, xp: Any, state: MujocoState) -> Any:
         """Whether the state is finite and the torso within ``healthy_z_range``."""
         finite = xp.logical_and(
-            xp.all(xp.isfinite(state.qpos), axis=-1), xp.all(xp.isfinite(state.qvel), axis=-1)
+            all_finite(xp, state.qpos), all_finite(xp, state.qvel)
         )
         return xp.logical_and(finite, inside(xp, component(state.qpos, 2), self.healthy_z_range, closed=True))
 

@@ -42,6 +42,20 @@ class MujocoState(NamedTuple):
     warmstart: Any  # [B, nv] constraint-solver warm start: bookkeeping, no gradient
 
 
+class HostMujocoState(MujocoState):
+    """One env's state on the host path (unbatched numpy leaves), with a memo of what
+    :func:`per_state` methods computed from it. Build it with :meth:`of`: the NamedTuple's
+    own constructor is a Python function, several times slower."""
+
+    @classmethod
+    def of(cls, *leaves: Any) -> HostMujocoState:
+        """The state of these six leaves, in :class:`MujocoState`'s order."""
+        return tuple.__new__(cls, leaves)
+
+
+_MISSING = object()  # per_state's "not computed yet": None is a result
+
+
 @dataclass(frozen=True)
 class Camera:
     """How a task is filmed: a free camera, or one that tracks ``track_body``."""
@@ -236,23 +250,20 @@ def control_cost(xp: Any, ctrl: Any, weight: float) -> Any:
 
 
 def per_state(method: Any) -> Any:
-    """Memoize ``method(self, xp, state)`` for the last ``state`` -- only where the
-    namespace asks for it (``xp.memoize``: the single-env Gymnasium path, which asks the
-    reward, the termination and the observation of the same state, and whose health checks
-    and observations share parts); the functional backends never cache."""
+    """Memoize ``method(self, xp, state)`` on a :class:`HostMujocoState` -- the single-env
+    Gymnasium path, which asks the reward, the termination and the observation of the same
+    state, and whose health checks and observations share parts. The memo lives on the
+    state, so it goes when the state does; the functional backends' states never cache."""
 
     @functools.wraps(method)
     def cached(self: Any, xp: Any, state: Any) -> Any:
-        if not getattr(xp, "memoize", False):
+        if type(state) is not HostMujocoState:
             return method(self, xp, state)
-        memo = self.__dict__.get("_memo")  # holds the state, so its id is not reused
-        if memo is None or memo[0] is not state:
-            memo = (state, {})
-            object.__setattr__(self, "_memo", memo)
-        results = memo[1]
-        if method not in results:
-            results[method] = method(self, xp, state)
-        return results[method]
+        memo = state.__dict__
+        result = memo.get(method, _MISSING)
+        if result is _MISSING:
+            result = memo[method] = method(self, xp, state)
+        return result
 
     return cached
 
@@ -292,6 +303,22 @@ def planar_info(xp: Any, qpos: Any) -> dict[str, Any]:
     whose first two coordinates are its x and y."""
     x, y = component(qpos, 0), component(qpos, 1)
     return {"x_position": x, "y_position": y, "distance_from_origin": xp.sqrt(x * x + y * y)}
+
+
+def all_finite(xp: Any, x: Any) -> Any:
+    """``[...]`` whether every entry of ``x [..., n]`` is finite (no NaN, no inf)."""
+    if type(x) is np.ndarray and x.ndim == 1:
+        # One env on the host path: one C call where numpy's isfinite and all cost two.
+        # 0 * x is 0 for finite x and NaN for NaN or inf, so the dot is 0 iff all are finite.
+        return x.dot(_zeros(x.shape[0])) == 0.0
+    return xp.all(xp.isfinite(x), axis=-1)
+
+
+@functools.cache
+def _zeros(size: int) -> np.ndarray:
+    zeros = np.zeros(size)
+    zeros.flags.writeable = False
+    return zeros
 
 
 def indicator(xp: Any, condition: Any, like: Any) -> Any:

@@ -35,7 +35,7 @@ from gymnasium.envs.mujoco.mujoco_rendering import MujocoRenderer
 from gradgym.envs.core import Env, make
 from gradgym.envs.host import HOST_BACKEND, HOST_XP, as_scalar, batch_of_one
 from gradgym.envs.mujoco import TASKS
-from gradgym.envs.mujoco.base import MujocoState, MujocoTask, sum_terms
+from gradgym.envs.mujoco.base import HostMujocoState, MujocoState, MujocoTask, sum_terms
 from gradgym.envs.mujoco.physics import asset_path, load_model
 
 # "use Gymnasium's default for this id": a sentinel, since None is a valid camera config.
@@ -183,8 +183,8 @@ class MujocoGymEnv(MujocoEnv):
         if self._state is None:
             raise RuntimeError(f"{self.task.name}: functional() called before reset()")
         env = make(self.task.name, backend=backend, dtype=dtype, **self._task_kwargs)
-        state = self._state._replace(ctrl=np.asarray(self._state.ctrl, np.float64),
-                                     warmstart=self.data.qacc_warmstart.copy())
+        state = MujocoState(*self._state)._replace(ctrl=np.asarray(self._state.ctrl, np.float64),
+                                                   warmstart=self.data.qacc_warmstart.copy())
         return env, env.as_state(batch_of_one(state))
 
     def normalized_action(self, action: Any) -> np.ndarray:
@@ -240,7 +240,7 @@ class MujocoGymEnv(MujocoEnv):
         x_velocity = _ZERO if previous is None else (x - self._x) / self._dt
         self._x = x
         applied = self._ctrl.copy() if self._ctrl_on_data else ctrl
-        return MujocoState(qpos, qvel, applied, x_velocity, readouts, None)
+        return HostMujocoState.of(qpos, qvel, applied, x_velocity, readouts, None)
 
     def _info(self, state: MujocoState, previous: MujocoState | None,
               terms: dict[str, Any]) -> dict[str, Any]:

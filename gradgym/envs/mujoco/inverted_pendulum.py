@@ -25,6 +25,7 @@ from gradgym.envs.mujoco.base import (
     Camera,
     MujocoState,
     MujocoTask,
+    all_finite,
     component,
     indicator,
     per_state,
@@ -50,7 +51,7 @@ class InvertedPendulum(MujocoTask):
     @per_state
     def fallen(self, xp: Any, state: MujocoState) -> Any:
         """Whether the pole has tipped past 0.2 rad (or the state is not finite)."""
-        finite = xp.all(xp.isfinite(self.observe(xp, state)), axis=-1)
+        finite = all_finite(xp, self.observe(xp, state))
         return xp.logical_or(xp.logical_not(finite), xp.abs(component(state.qpos, 1)) > 0.2)
 
     def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
