@@ -75,3 +75,11 @@ def test_per_state_memoizes_on_host_states_only():
     task.twice(np, functional)
     task.twice(np, functional)
     assert len(calls) == 4 and not hasattr(functional, "__dict__")
+
+
+@pytest.mark.parametrize("x", [np.array([-15.0, 3.0, 12.0, np.nan]), np.array([-15.0, 12.0], np.float32),
+                               np.float64(12.5), np.float64(-0.5)], ids=repr)
+def test_clip_is_numpys(x):
+    result = HOST_XP.clip(x, -10.0, 10.0)
+    np.testing.assert_array_equal(result, np.clip(x, -10.0, 10.0))
+    assert type(result) is type(np.clip(x, -10.0, 10.0)) and result.dtype == np.clip(x, -10.0, 10.0).dtype

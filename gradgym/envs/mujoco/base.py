@@ -232,7 +232,7 @@ class MujocoTask(Task):
         """Readout field ``name`` with its MjData shape, ``[..., *shape]``."""
         physics = self.physics
         part = readouts[..., physics.readout_slices[name]]
-        return xp.reshape(part, tuple(readouts.shape[:-1]) + tuple(physics.readout_shapes[name]))
+        return xp.reshape(part, readouts.shape[:-1] + physics.readout_shapes[name])
 
     # ------------------------------------------------------------------ rendering
     def make_renderer(self, size: int | None = None) -> MujocoRenderer:
