@@ -165,7 +165,7 @@ def test_rendering_arguments_and_depth_match_gymnasium():
 # ----------------------------------------------------------------------------- pickling
 
 
-@pytest.mark.parametrize("env_id", ["gradgym/Hopper-v5", "gradgym/Humanoid-v5",
+@pytest.mark.parametrize("env_id", ["gradgym/Hopper-v5", "gradgym/Humanoid-v5", "gradgym/InvertedPendulum-v5",
                                     "gradgym/Pendulum-v0", "gradgym/Fish-v0"])
 def test_envs_pickle_and_deepcopy_before_and_after_rendering(env_id):
     env = gymnasium.make(env_id, render_mode="rgb_array")
@@ -174,6 +174,7 @@ def test_envs_pickle_and_deepcopy_before_and_after_rendering(env_id):
         assert (dumps(env) if loads is None else loads(dumps(env))) is not None  # before reset
     env.reset(seed=4)
     action = env.action_space.sample()
+    env.step(action)  # a stepped env holds what its last state's checks computed (a cache)
     for rendered in (False, True):
         if rendered:
             env.render()

@@ -52,6 +52,11 @@ class HostMujocoState(MujocoState):
         """The state of these six leaves, in :class:`MujocoState`'s order."""
         return tuple.__new__(cls, leaves)
 
+    def __getstate__(self) -> None:
+        # The memo is a cache keyed by functions that pickle cannot name (the decorated
+        # methods' originals): copies and pickles start without it.
+        return None
+
 
 _MISSING = object()  # per_state's "not computed yet": None is a result
 
