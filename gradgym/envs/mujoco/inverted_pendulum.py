@@ -44,21 +44,22 @@ class InvertedPendulum(MujocoTask):
     name = "InvertedPendulum-v5"
     camera = Camera(distance=2.04, elevation=-10.0, lookat=(0.0, 0.0, 0.3))
 
-    @per_state  # fallen() reads it too
+    @per_state  # standing() reads it too
     def observe(self, xp: Any, state: MujocoState) -> Any:
         return xp.concat([state.qpos, state.qvel], axis=-1)
 
     @per_state
-    def fallen(self, xp: Any, state: MujocoState) -> Any:
-        """Whether the pole has tipped past 0.2 rad (or the state is not finite)."""
-        finite = all_finite(xp, self.observe(xp, state))
-        return xp.logical_or(xp.logical_not(finite), xp.abs(component(state.qpos, 1)) > 0.2)
+    def standing(self, xp: Any, state: MujocoState) -> Any:
+        """Whether the pole is within 0.2 rad of upright and the state finite (a NaN angle
+        compares false)."""
+        return xp.logical_and(all_finite(xp, self.observe(xp, state)),
+                              xp.abs(component(state.qpos, 1)) <= 0.2)
 
     def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
-        standing = indicator(xp, xp.logical_not(self.fallen(xp, state)), component(state.qpos, 0))
+        standing = indicator(xp, self.standing(xp, state), component(state.qpos, 0))
         if self.smooth_reward:
             return {"reward_survive": standing * (1.0 - (component(state.qpos, 1) / 0.2) ** 2)}
         return {"reward_survive": standing}
 
     def terminated(self, backend: Backend, state: MujocoState) -> Any:
-        return self.fallen(backend.xp, state)
+        return backend.xp.logical_not(self.standing(backend.xp, state))
