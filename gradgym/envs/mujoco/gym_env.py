@@ -113,7 +113,6 @@ class MujocoGymEnv(MujocoEnv):
         self._nq, self._nv = self.model.nq, self.model.nv  # MjModel's attributes cost a call
         self._ctrl_on_data = getattr(task, "gym_ctrl_cost_on_applied_ctrl", False)
         self._data_info = dict(getattr(task, "gym_info_data_fields", ()))
-        self._task_info = type(task).info is not MujocoTask.info
         self._state: MujocoState | None = None
         self._view_data()
 
@@ -245,8 +244,7 @@ class MujocoGymEnv(MujocoEnv):
 
     def _info(self, state: MujocoState, previous: MujocoState | None,
               terms: dict[str, Any]) -> dict[str, Any]:
-        # a task without info of its own (MujocoTask's): no call, no merge
-        info = {**self.task.info(HOST_XP, state, previous), **terms} if self._task_info else dict(terms)
+        info = {**self.task.info(HOST_XP, state, previous), **terms}
         for key, value in info.items():  # Gymnasium's values are scalars, not 0-d arrays
             if type(value) is np.ndarray:
                 info[key] = as_scalar(value)
