@@ -43,6 +43,7 @@ from typing import Any
 
 import psutil
 import yaml
+from machine_load import load_average
 
 ENVS = ["Pendulum", "CartPole", "MountainCar", "Reacher", "Swimmer"]
 SWEEP_NAME = "chaos"
@@ -50,12 +51,12 @@ SWEEP_NAME = "chaos"
 
 def main() -> None:
     args = _parser().parse_args()
-    print(f"load average before: {os.getloadavg()}", flush=True)
+    print(f"load average before: {load_average()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="gradgym-chaos-") as tmp:
         root = Path(tmp)
         baseline = None if args.skip_baseline else _sweep_once(root / "baseline", args, faults=False)
         chaos = _sweep_once(root / "chaos", args, faults=True)
-    print(f"load average after: {os.getloadavg()}")
+    print(f"load average after: {load_average()}")
     print(json.dumps({"baseline": baseline, "chaos": chaos}, indent=2))
     if baseline:
         print(f"wall overhead of the faults: {chaos['wall_s'] / baseline['wall_s'] - 1:+.0%} "

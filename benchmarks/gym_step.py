@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 import gymnasium
 import mujoco
 import numpy as np
+from machine_load import load_average
 
 import gradgym  # noqa: F401  (registers the gradgym ids)
 
@@ -94,8 +95,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500, help="env steps per timed round")
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds (the best counts)")
     args = parser.parse_args()
-    with open("/proc/loadavg") as f:
-        load_before = f.read().split()[:3]
+    load_before = load_average()
     print(f"{'gradgym id':34s} {'vs':26s} {'gradgym µs':>10s} {'Gymnasium µs':>12s} {'ratio':>6s}"
           f"   {'outside MuJoCo: gradgym':>23s} {'Gymnasium':>9s}")
     for name in args.ids:
@@ -108,8 +108,7 @@ def main() -> None:
             off = time_pair(ours, theirs, args.steps, args.repeats, physics=False)
             line += f"   {off['gradgym']:23.1f} {off['gymnasium']:9.1f}"
         print(line, flush=True)
-    with open("/proc/loadavg") as f:
-        print(f"load average before: {' '.join(load_before)}; after: {' '.join(f.read().split()[:3])}")
+    print(f"load average before: {load_before}; after: {load_average()}")
     print(f"numpy {np.__version__}, gymnasium {gymnasium.__version__}; target: ratio <= 1.0")
 
 

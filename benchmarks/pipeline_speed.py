@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 from env_throughput import cartpole_ref  # the hand-written CartPole dynamics, per library
+from machine_load import load_average
 
 import gradgym
 from gradgym.pipelines import PolicyConfig, TrajectoryConfig, policy, trajectory
@@ -346,10 +347,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    load = os.getloadavg()
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
-        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; torch {torch.__version__} (1 thread), "
+        f"{load_average()}; torch {torch.__version__} (1 thread), "
         f"jax {jax.__version__}; median of {args.iters} iterations ({args.eager_iters} for "
         f"torch eager), best of {args.rounds} rounds; torch compiled: chunks of {args.chunk}\n"
     )

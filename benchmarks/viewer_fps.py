@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine_load import load_average
 from PIL import Image
 from websockets.sync.client import connect
 
@@ -220,13 +220,13 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    print(f"load average at start: {os.getloadavg()}")
+    print(f"load average at start: {load_average()}")
 
     if not args.skip_frames:
         frame_rates(args.seconds)
     if not args.skip_follow:
         follow_table(args.pairs, args.iters)
-    print(f"load average at end: {os.getloadavg()}")
+    print(f"load average at end: {load_average()}")
 
 
 def follow_table(pairs: int, iters: int) -> None:
