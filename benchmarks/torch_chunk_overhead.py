@@ -14,8 +14,8 @@ the variants interleaved (a shared machine's load hits them alike):
   AOTInductor, and its VJP (traced with ``make_fx``, the forward recomputed) likewise, both
   called from one ``torch.autograd.Function`` per chunk: no dynamo, no AOT autograd
   wrappers, C++ wrappers around the kernels;
-- ``<variant>+<option>=<value>``: a variant compiled with one inductor option,
-  e.g. ``dynamo+cpp.simdlen=1`` or ``export+cpp.simdlen=1``.
+- ``<variant>+<option>=<value>``: a variant compiled with inductor options (one or more,
+  each after a ``+``), e.g. ``dynamo+cpp.simdlen=1`` or ``dynamo+cpp_wrapper=1+cpp.simdlen=1``.
 
     python benchmarks/torch_chunk_overhead.py --env CartPole --variants dynamo direct
     python benchmarks/torch_chunk_overhead.py --variants dynamo dynamo+cpp.simdlen=1
@@ -187,9 +187,9 @@ class ProbeChunks(CompiledChunks):
 
     def __init__(self, step: Callable, chunk: int, variant: str):
         super().__init__(step, chunk)
-        self.kind, _, option = variant.partition("+")
+        self.kind, *options = variant.split("+")
         self.options = {}
-        if option:
+        for option in options:
             name, value = option.split("=")
             self.options[name] = int(value) if name != "cpp_wrapper" else bool(int(value))
 
