@@ -371,7 +371,7 @@ def main() -> None:
         for method in METHODS:
             ours[env_name, method, "jax"] = min(rounds[method])
             ours[env_name, method, "torch eager"] = pipeline_times(
-                method, env_name, "torch", args.eager_iters
+                method, env_name, "torch", args.eager_iters, torch_compile=False
             )
             with tempfile.TemporaryDirectory() as cache:
                 ours[env_name, method, "torch compiled"] = compiled_torch_in_fresh_process(

@@ -539,7 +539,8 @@ def test_ivy_env_is_refused_with_the_backends_that_work(tmp_path, monkeypatch):
             TrajectoryConfig(torch_compile_simd="no"),
             r"trajectory.torch_compile_simd='no' is invalid; allowed: true or false",
         ),
-        (policy, PolicyConfig(torch_compile=1), r"policy.torch_compile=1 is invalid"),
+        (policy, PolicyConfig(torch_compile=1), r"policy.torch_compile=1 is invalid; allowed: true, false or auto"),
+        (policy, PolicyConfig(torch_compile="yes"), r"policy.torch_compile='yes' is invalid"),
         (
             cem,
             CEMConfig(elites=65),

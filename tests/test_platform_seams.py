@@ -161,6 +161,19 @@ def test_no_run_records_test_hooks(tmp_path, monkeypatch):
     assert not any(f.name == "testing" for f in dataclasses.fields(type(OmegaConf.to_object(crashing))))
 
 
+@pytest.mark.parametrize(("overrides", "compiles"), [
+    ([], True),  # policy's 2000 iterations on a classic env: torch_compile=auto compiles
+    (["pipeline.iters=10"], False),
+    (["env=Hopper-v5"], False),  # MuJoCo steps on the host: eager
+    (["pipeline.iters=10", "pipeline.torch_compile=true"], True),
+])
+def test_the_progress_bar_knows_whether_a_torch_run_compiles(overrides, compiles):
+    from gradgym.platform.runner import _compiles
+
+    cfg = compose_run_config(["pipeline=policy", "backend=torch", "env=CartPole", *overrides])
+    assert _compiles(cfg) is compiles
+
+
 @pytest.mark.parametrize(("backend", "compiles"), [("jax", True), ("numpy", False)])
 def test_the_progress_bar_says_compiling_until_the_first_iteration(tmp_path, capsys, backend,
                                                                    compiles):

@@ -25,6 +25,7 @@ import gradgym
 from gradgym.pipelines import PolicyConfig, TrajectoryConfig, _jax, _torch, policy, trajectory
 from gradgym.pipelines._rollout import initial_carry, rollout_returns, start_states, transition
 from gradgym.pipelines._torch import CompiledChunks
+from gradgym.pipelines.config import AUTO_COMPILE_MIN_ITERS, torch_compiles
 
 CLASSIC = ("CartPole", "Pendulum", "MountainCar", "Reacher", "Swimmer")
 TIMING = {"iter_time_s", "env_steps_per_s", "compile_time_s"}
@@ -106,6 +107,26 @@ def test_compiled_pipeline_takes_eager_steps_and_compiles_once(method):
         for key, value in want_metrics.items():
             np.testing.assert_allclose(got_metrics[key], value, rtol=1e-9, err_msg=key)
     np.testing.assert_allclose(compiled.final_return, eager.final_return, rtol=1e-9)
+
+
+def test_auto_compiles_runs_long_enough_to_repay_a_cold_compile_on_classic_envs():
+    assert TrajectoryConfig().torch_compile == PolicyConfig().torch_compile == "auto"
+    assert torch_compiles("auto", AUTO_COMPILE_MIN_ITERS, "CartPole")
+    assert not torch_compiles("auto", AUTO_COMPILE_MIN_ITERS - 1, "CartPole")
+    assert not torch_compiles("auto", 10 * AUTO_COMPILE_MIN_ITERS, "Hopper-v5")  # host physics
+    assert torch_compiles(True, 1, "Hopper-v5") and not torch_compiles(False, 10**6, "CartPole")
+    # the defaults: policy's 2000 iterations compile, trajectory's 200 stay eager
+    assert PolicyConfig().with_compile_decided("Reacher").torch_compile is True
+    assert TrajectoryConfig().with_compile_decided("Reacher").torch_compile is False
+
+
+def test_auto_is_decided_by_the_pipeline(monkeypatch):
+    env = gradgym.make("Pendulum", backend="torch", dtype="float64")
+    cfg = TrajectoryConfig(iters=4, horizon=8, batch=3, render=False, grad_hist_every=0,
+                           torch_compile_chunk=4)
+    assert trajectory.optimize(env, cfg, seed=0).compile_time_s == 0.0  # 4 < 500: eager
+    monkeypatch.setattr("gradgym.pipelines.config.AUTO_COMPILE_MIN_ITERS", 4)
+    assert trajectory.optimize(env, cfg, seed=0).compile_time_s > 0.0
 
 
 COMPILE_IN_A_NEW_PROCESS = """

@@ -237,8 +237,8 @@ def test_replays_a_finished_run_with_the_return_it_reported(browser, start_view,
 
 @pytest.mark.slow
 def test_follows_a_running_run_as_it_improves(browser, start_view, tmp_path):
-    run = start_gradgym(["run", *TINY_RUN, "pipeline.iters=100000", "run_dir=going"], tmp_path,
-                        tmp_path / "run.log")
+    run = start_gradgym(["run", *TINY_RUN, "pipeline.iters=100000", "pipeline.torch_compile=false",
+                         "run_dir=going"], tmp_path, tmp_path / "run.log")
     try:
         record = RunRecord(tmp_path / "going")
         wait_for(lambda: len(record.read_metrics()) > 3, 240, "the run's first iterations")

@@ -1,6 +1,7 @@
 """torch side of the pipelines: autograd through a Python-loop rollout, torch.optim.
 
-With ``cfg.torch_compile`` the rollout runs in *chunks*: ``torch_compile_chunk`` env steps
+With ``cfg.torch_compile`` (true or false here: the pipelines decide ``"auto"`` first, see
+``config.torch_compiles``) the rollout runs in *chunks*: ``torch_compile_chunk`` env steps
 (policy + env step, unrolled) are one ``torch.compile``d function, called ``T / chunk``
 times per rollout, with autograd between chunks. One compiled step per call pays
 torch.compile's per-call overhead (guards, AOT autograd wrappers) 2T times per iteration;

@@ -141,6 +141,7 @@ def optimize_pack(
     its own weights, with its own optimizer state, learning rate and clipping.
     """
     check_pack("policy", cfgs, seeds, reports)
+    cfgs = [member.with_compile_decided(env.spec.name) for member in cfgs]
     ops = backend_ops(env, "policy", gradient=True)
     cfg = cfgs[0]  # what may not differ inside a pack comes from any member
 

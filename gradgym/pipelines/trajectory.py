@@ -104,6 +104,7 @@ def optimize_pack(
     state, learning rate and clipping.
     """
     check_pack("trajectory", cfgs, seeds, reports)
+    cfgs = [member.with_compile_decided(env.spec.name) for member in cfgs]
     ops = backend_ops(env, "trajectory", gradient=True)
     cfg = cfgs[0]  # what may not differ inside a pack comes from any member
 
