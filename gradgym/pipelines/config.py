@@ -161,9 +161,10 @@ def validate_config(cfg: Any, pipeline: str | None = None) -> None:
 
 
 # torch_compile=auto compiles a run of at least this many iterations. A cold compile of the
-# classic envs' chunks takes 10-33 s and saves 18-67 ms per iteration: it pays for itself
-# after 450-730 iterations (trajectory and policy on CartPole, Pendulum and Reacher; the
-# speed table of the README). From a warm compile cache it would pay after about 100.
+# classic envs' chunks takes 10-60 s on 2 CPUs and saves 18-120 ms per iteration: it pays
+# for itself after 450-730 iterations (trajectory and policy on CartPole, Pendulum and
+# Reacher in the README's speed table; 430 for a whole `gradgym run` of policy on CartPole).
+# From a warm compile cache (about 3-5 s) it would pay after about 100.
 AUTO_COMPILE_MIN_ITERS = 500
 
 
