@@ -27,7 +27,8 @@ from gradgym.platform.config import (
 def test_defaults_follow_the_schemas():
     cfg = compose_run_config()
     assert cfg.pipeline.name == "trajectory"
-    assert OmegaConf.to_object(cfg.pipeline) == TrajectoryConfig()
+    # torch_compile=auto decided for this torch run: 200 iterations stay eager
+    assert OmegaConf.to_object(cfg.pipeline) == TrajectoryConfig(torch_compile=False)
     assert (cfg.env, cfg.backend, cfg.seed, cfg.torch_threads) == ("Pendulum", "torch", 0, 1)
     assert cfg.tracking.enabled and cfg.tracking.uri is None
 

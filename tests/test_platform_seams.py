@@ -167,11 +167,17 @@ def test_no_run_records_test_hooks(tmp_path, monkeypatch):
     (["env=Hopper-v5"], False),  # MuJoCo steps on the host: eager
     (["pipeline.iters=10", "pipeline.torch_compile=true"], True),
 ])
-def test_the_progress_bar_knows_whether_a_torch_run_compiles(overrides, compiles):
+def test_a_torch_run_config_and_its_progress_bar_say_whether_it_compiles(overrides, compiles):
     from gradgym.platform.runner import _compiles
 
     cfg = compose_run_config(["pipeline=policy", "backend=torch", "env=CartPole", *overrides])
+    assert cfg.pipeline.torch_compile is compiles  # auto decided: config.yaml and MLflow show it
     assert _compiles(cfg) is compiles
+
+
+def test_torch_compile_auto_stays_auto_on_other_backends():
+    cfg = compose_run_config(["pipeline=policy", "backend=jax", "env=CartPole"])
+    assert cfg.pipeline.torch_compile == "auto"
 
 
 @pytest.mark.parametrize(("backend", "compiles"), [("jax", True), ("numpy", False)])

@@ -31,7 +31,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from gradgym.envs import DTYPES, make, registered
 from gradgym.pipelines import get_pipeline, pipelines
-from gradgym.pipelines.config import PipelineConfigError
+from gradgym.pipelines.config import PipelineConfigError, torch_compiles
 from gradgym.pipelines.registry import DEFAULT_PIPELINE
 
 # Where compiled programs are kept between processes (see gradgym.pipelines.compile_cache).
@@ -228,8 +228,16 @@ def compose_run_config(*layers: Layer) -> DictConfig:
         flat = {("pipeline.name" if k == "pipeline" else k): v for k, v in flat.items()}
         cfg = _merge(cfg, _nest(flat))
     validate_run_config(cfg)
+    _decide_torch_compile(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _decide_torch_compile(cfg: DictConfig) -> None:
+    """A torch run's ``pipeline.torch_compile=auto`` as what the run will do (true or
+    false), so that its config.yaml and MLflow params say whether it compiled."""
+    if cfg.backend == "torch" and cfg.pipeline.get("torch_compile") == "auto":
+        cfg.pipeline.torch_compile = torch_compiles("auto", cfg.pipeline.iters, cfg.env)
 
 
 @functools.cache
