@@ -63,6 +63,7 @@ def test_run_writes_the_run_folder_and_logs_to_the_embedded_store(tmp_path):
         "backend": "torch", "env": "Reacher", "pipeline": "trajectory", "seed": "0",
     }
     assert run.data.params["env_kwargs.num_joints"] == "3"
+    assert run.data.params["pipeline.torch_compile"] == "False"  # auto, decided: a short run
     assert [m.step for m in client.get_metric_history(run.info.run_id, "return_mean")] == list(range(6))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "video_initial.gif", "video_best.gif", "summary.json", "gradients"} <= artifacts
