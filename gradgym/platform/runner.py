@@ -21,7 +21,6 @@ from omegaconf import DictConfig, OmegaConf
 from gradgym.pipelines import MemberOutcome, get_pipeline, pack_key
 from gradgym.pipelines.base import NonFiniteReturnError
 from gradgym.pipelines.compile_cache import enable_compile_cache
-from gradgym.pipelines.config import torch_compiles
 from gradgym.platform.config import flat_params
 from gradgym.platform.faults import faults_for
 from gradgym.platform.records import (  # noqa: F401 - the errors are the runner's API too
@@ -460,10 +459,10 @@ def _progress_bar(cfg: DictConfig) -> Any:
 
 
 def _compiles(cfg: DictConfig) -> bool:
-    """Whether the run compiles before its first iteration (jax; torch with torch_compile)."""
-    if cfg.backend != "torch":
-        return cfg.backend == "jax"
-    return torch_compiles(cfg.pipeline.get("torch_compile", False), cfg.pipeline.iters, cfg.env)
+    """Whether the run compiles before its first iteration: jax, or torch with
+    ``torch_compile`` (which ``compose_run_config`` decided when it was ``auto``)."""
+    return cfg.backend == "jax" or (
+        cfg.backend == "torch" and cfg.pipeline.get("torch_compile", False) is True)
 
 
 def _limit_threads(cfg: DictConfig) -> None:
