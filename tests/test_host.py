@@ -1,11 +1,17 @@
 """The host path's namespace (gradgym.envs.host.HOST_XP) against plain numpy: the same values
 and types for the inputs its fast paths take, and for the ones they leave to numpy."""
 
+import gymnasium
 import numpy as np
 import pytest
 
-from gradgym.envs.host import HOST_XP
-from gradgym.envs.mujoco.base import HostMujocoState, MujocoState, all_finite, per_state
+import gradgym
+from gradgym.envs.backends import get_backend
+from gradgym.envs.host import HOST_BACKEND, HOST_XP
+from gradgym.envs.mujoco import TASKS
+from gradgym.envs.mujoco.base import HostMujocoState, MujocoState, all_finite, indicator, per_state
+
+NUMPY_BACKEND = get_backend("numpy")
 
 VECTORS = [np.array([True, True, True]), np.array([True, False, True]), np.array([], bool),
            np.array([False])]
@@ -83,3 +89,47 @@ def test_clip_is_numpys(x):
     result = HOST_XP.clip(x, -10.0, 10.0)
     np.testing.assert_array_equal(result, np.clip(x, -10.0, 10.0))
     assert type(result) is type(np.clip(x, -10.0, 10.0)) and result.dtype == np.clip(x, -10.0, 10.0).dtype
+
+
+@pytest.mark.parametrize("condition", [np.True_, np.False_])
+def test_indicator_of_one_env_is_numpys(condition):
+    like = np.float64(0.3)
+    result = indicator(HOST_XP, condition, like)
+    expected = np.where(condition, np.ones_like(like), np.zeros_like(like))
+    assert result == expected and type(result) is np.float64
+
+
+@pytest.mark.parametrize("task_class", TASKS, ids=lambda task_class: task_class.name)
+def test_step_outputs_are_observe_reward_terms_and_terminated(task_class):
+    # The Gymnasium env's step asks a task for the three together (InvertedPendulum shares
+    # work between them): the same values as asking one by one, on one env and on a batch,
+    # fallen and non-finite states included.
+    env = gymnasium.make(f"gradgym/{task_class.name}").unwrapped
+    env.reset(seed=3)
+    rng = np.random.default_rng(3)
+    states = []
+    for _ in range(40):
+        env.step(env.action_space.sample() * 2.0 + rng.normal(size=env.action_space.shape))
+        states.append(env._state)
+    nan_state = states[-1]._replace(qvel=np.full_like(states[-1].qvel, np.nan))
+    states.append(HostMujocoState.of(*nan_state))
+    task = env.task
+    for state in states:
+        obs, terms, terminated = task.step_outputs(HOST_BACKEND, HostMujocoState.of(*state))
+        np.testing.assert_array_equal(obs, task.observe(np, MujocoState(*state)))
+        assert terms.keys() == task.reward_terms(np, MujocoState(*state)).keys()
+        for key, value in task.reward_terms(np, MujocoState(*state)).items():
+            np.testing.assert_array_equal(terms[key], value)
+        assert bool(terminated) == bool(task.terminated(NUMPY_BACKEND, MujocoState(*state)))
+    if task_class.name == "InvertedPendulum-v5":  # the fused one: both outcomes were seen
+        outcomes = {bool(task.step_outputs(HOST_BACKEND, state)[2]) for state in states}
+        assert outcomes == {True, False}
+
+
+def test_balancing_tasks_hold_zero_x_velocity_in_the_functional_state():
+    # InvertedPendulum's reward never reads x_velocity: the step leaves it 0, as the host does
+    env = gradgym.make("InvertedPendulum-v5", backend="numpy")
+    state = env.reset(0, 2)
+    next_state = env.step(state, np.full((2, 1), 0.5, np.float32))[0]
+    np.testing.assert_array_equal(next_state.x_velocity, np.zeros(2))
+    assert np.all(next_state.qpos[:, 0] != state.qpos[:, 0])  # the carts moved

@@ -133,14 +133,13 @@ class MujocoGymEnv(MujocoEnv):
         mujoco.mj_step(model, data, self.frame_skip)  # positional: keywords cost pybind11 a lookup
         if self._post_constraint:  # the only fields it writes are cacc, cfrc_int, cfrc_ext
             mujoco.mj_rnePostConstraint(model, data)
-        previous, task = self._state, self.task
+        previous = self._state
         state = self._state = self._read(ctrl, previous)
-        terms = task.reward_terms(HOST_XP, state)
-        terminated = bool(task.terminated(HOST_BACKEND, state))
+        obs, terms, terminated = self.task.step_outputs(HOST_BACKEND, state)
         info = self._info(state, previous, terms)
         if self.render_mode == "human":
             self.render()
-        return task.observe(HOST_XP, state), as_scalar(sum_terms(terms)), terminated, False, info
+        return obs, as_scalar(sum_terms(terms)), bool(terminated), False, info
 
     def reset_model(self) -> np.ndarray:
         """Gymnasium's draws: ``qpos0 + U(-s, s)``, then ``qvel`` uniform or ``s * N(0, 1)``."""
@@ -218,10 +217,10 @@ class MujocoGymEnv(MujocoEnv):
         kind = array.dtype.kind
         if kind not in _REAL_KINDS:
             raise TypeError(f"{self.task.name}: action dtype {array.dtype} is not a real number type")
-        # A finite dot product means finite entries: one C call (the method; ``@`` costs
-        # several times more on short vectors). Only when it is not (NaN or inf, or huge
-        # finite values overflowing) are the entries looked at one by one.
-        if kind == "f" and not math.isfinite(array.dot(array)) and not np.isfinite(array).all():
+        # A finite sum means finite entries; Python's sum of the floats costs a fraction of
+        # numpy's isfinite and all on a short vector. Only when it is not (NaN or inf, or
+        # huge finite values overflowing) are the entries looked at by numpy.
+        if kind == "f" and not math.isfinite(sum(array.tolist())) and not np.isfinite(array).all():
             raise ValueError(f"{self.task.name}: action contains NaN or inf: {array.tolist()}")
         return array
 
@@ -235,10 +234,13 @@ class MujocoGymEnv(MujocoEnv):
             readouts = np.empty(self._readout_size)
             for part, view in self._readout_views:
                 readouts[part] = view
-        # the tracked x of the last state is kept: Humanoid's (its center of mass) is dear
-        x = task.tracked_x(HOST_XP, qpos, readouts)
-        x_velocity = _ZERO if previous is None else (x - self._x) / self._dt
-        self._x = x
+        x_velocity = _ZERO
+        if task.tracks_x:
+            # the tracked x of the last state is kept: Humanoid's (its center of mass) is dear
+            x = task.tracked_x(HOST_XP, qpos, readouts)
+            if previous is not None:
+                x_velocity = (x - self._x) / self._dt
+            self._x = x
         applied = self._ctrl.copy() if self._ctrl_on_data else ctrl
         return HostMujocoState.of(qpos, qvel, applied, x_velocity, readouts, None)
 

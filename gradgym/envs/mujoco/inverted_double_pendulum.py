@@ -26,7 +26,6 @@ from gradgym.envs.mujoco.base import (
     MujocoTask,
     component,
     indicator,
-    per_state,
 )
 
 
@@ -43,11 +42,7 @@ class InvertedDoublePendulum(MujocoTask):
     readout_fields = ("site_xpos", "qfrc_constraint")
     qvel_noise = "normal"
     camera = Camera(distance=2.6, elevation=-10.0, lookat=(0.0, 0.0, 0.6))
-
-    @per_state  # the reward and the termination both read it
-    def tip(self, xp: Any, state: MujocoState) -> Any:
-        """``[..., 3]`` world position of the pole tip (site 0)."""
-        return self.readout(xp, state.readouts, "site_xpos")[..., 0, :]
+    tracks_x = False  # its reward never reads x_velocity
 
     def observe(self, xp: Any, state: MujocoState) -> Any:
         constraint = self.readout(xp, state.readouts, "qfrc_constraint")
@@ -63,7 +58,22 @@ class InvertedDoublePendulum(MujocoTask):
         )
 
     def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
+        return self._reward_terms(xp, state, self.tip(xp, state))
+
+    def terminated(self, backend: Backend, state: MujocoState) -> Any:
+        return self._fallen(self.tip(backend.xp, state))
+
+    def step_outputs(self, backend: Backend, state: MujocoState) -> tuple[Any, dict[str, Any], Any]:
+        # the reward and the termination share the tip: looked up once
+        xp = backend.xp
         tip = self.tip(xp, state)
+        return self.observe(xp, state), self._reward_terms(xp, state, tip), self._fallen(tip)
+
+    def tip(self, xp: Any, state: MujocoState) -> Any:
+        """``[..., 3]`` world position of the pole tip (site 0)."""
+        return self.readout(xp, state.readouts, "site_xpos")[..., 0, :]
+
+    def _reward_terms(self, xp: Any, state: MujocoState, tip: Any) -> dict[str, Any]:
         x, y = component(tip, 0), component(tip, 2)
         distance_penalty = 0.01 * x**2 + (y - 2.0) ** 2
         velocity_penalty = 1e-3 * component(state.qvel, 1) ** 2 + 5e-3 * component(state.qvel, 2) ** 2
@@ -73,5 +83,6 @@ class InvertedDoublePendulum(MujocoTask):
             "velocity_penalty": -velocity_penalty,
         }
 
-    def terminated(self, backend: Backend, state: MujocoState) -> Any:
-        return component(self.tip(backend.xp, state), 2) <= 1.0
+    @staticmethod
+    def _fallen(tip: Any) -> Any:
+        return component(tip, 2) <= 1.0

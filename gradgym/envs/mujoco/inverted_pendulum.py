@@ -28,7 +28,6 @@ from gradgym.envs.mujoco.base import (
     all_finite,
     component,
     indicator,
-    per_state,
 )
 
 
@@ -43,23 +42,32 @@ class InvertedPendulum(MujocoTask):
 
     name = "InvertedPendulum-v5"
     camera = Camera(distance=2.04, elevation=-10.0, lookat=(0.0, 0.0, 0.3))
+    tracks_x = False  # its reward never reads x_velocity
 
-    @per_state  # standing() reads it too
     def observe(self, xp: Any, state: MujocoState) -> Any:
         return xp.concat([state.qpos, state.qvel], axis=-1)
 
-    @per_state
-    def standing(self, xp: Any, state: MujocoState) -> Any:
-        """Whether the pole is within 0.2 rad of upright and the state finite (a NaN angle
-        compares false)."""
-        return xp.logical_and(all_finite(xp, self.observe(xp, state)),
-                              xp.abs(component(state.qpos, 1)) <= 0.2)
-
     def reward_terms(self, xp: Any, state: MujocoState) -> dict[str, Any]:
-        standing = indicator(xp, self.standing(xp, state), component(state.qpos, 0))
-        if self.smooth_reward:
-            return {"reward_survive": standing * (1.0 - (component(state.qpos, 1) / 0.2) ** 2)}
-        return {"reward_survive": standing}
+        return self._reward_terms(xp, state, self._standing(xp, state, self.observe(xp, state)))
 
     def terminated(self, backend: Backend, state: MujocoState) -> Any:
-        return backend.xp.logical_not(self.standing(backend.xp, state))
+        xp = backend.xp
+        return xp.logical_not(self._standing(xp, state, self.observe(xp, state)))
+
+    def step_outputs(self, backend: Backend, state: MujocoState) -> tuple[Any, dict[str, Any], Any]:
+        # the three share the observation and the standing check: each computed once
+        xp = backend.xp
+        obs = self.observe(xp, state)
+        standing = self._standing(xp, state, obs)
+        return obs, self._reward_terms(xp, state, standing), xp.logical_not(standing)
+
+    def _standing(self, xp: Any, state: MujocoState, obs: Any) -> Any:
+        """Whether the pole is within 0.2 rad of upright and the state (its observation
+        ``obs``) finite; a NaN angle compares false."""
+        return xp.logical_and(all_finite(xp, obs), xp.abs(component(state.qpos, 1)) <= 0.2)
+
+    def _reward_terms(self, xp: Any, state: MujocoState, standing: Any) -> dict[str, Any]:
+        survive = indicator(xp, standing, component(state.qpos, 0))
+        if self.smooth_reward:
+            survive = survive * (1.0 - (component(state.qpos, 1) / 0.2) ** 2)
+        return {"reward_survive": survive}
