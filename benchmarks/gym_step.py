@@ -12,8 +12,9 @@ calls (``mj_step``, ``mj_rnePostConstraint``) made no-ops: what each side spends
 the physics, which both share. On a shared machine this difference is far steadier than
 the whole step's ratio, whose physics part swings with the load.
 
-The MuJoCo ids are compared with the same Gymnasium id; the classic ids with Gymnasium's
-nearest classic-control env (different dynamics, the same kind of work per step).
+The MuJoCo ids are compared with the same Gymnasium id; the classic ids, which Gymnasium
+does not have, with its nearest classic-control env where there is one (different dynamics,
+the same kind of work per step; CartPole-v1's actions are discrete) and alone otherwise.
 
     python benchmarks/gym_step.py
     python benchmarks/gym_step.py --ids Hopper-v5 --steps 1000 --repeats 50
@@ -33,13 +34,16 @@ from machine_load import load_average
 
 import gradgym  # noqa: F401  (registers the gradgym ids)
 
-# gradgym id -> Gymnasium's id it is timed against
-PAIRS = {
+# gradgym id -> Gymnasium's id it is timed against (None: Gymnasium has nothing alike)
+PAIRS: dict[str, str | None] = {
     **{f"gradgym/{task}-v5": f"{task}-v5" for task in (
         "InvertedPendulum", "InvertedDoublePendulum", "Swimmer", "Hopper", "HalfCheetah",
         "Walker2d", "Ant", "Humanoid")},
     "gradgym/Pendulum-v0": "Pendulum-v1",
     "gradgym/MountainCar-v0": "MountainCarContinuous-v0",
+    "gradgym/CartPole-v0": "CartPole-v1",
+    "gradgym/Reacher-v0": None,
+    "gradgym/Fish-v0": None,
 }
 
 
@@ -60,10 +64,13 @@ def stepper(env_id: str, steps: int, seed: int = 0) -> Callable[[], None]:
     return run
 
 
-def time_pair(ours: str, theirs: str, steps: int, repeats: int, physics: bool = True) -> dict[str, float]:
-    """Best-of-``repeats`` CPU µs per step of both ids, rounds interleaved (``physics=False``:
-    MuJoCo's engine calls are no-ops)."""
-    runs = {"gradgym": stepper(ours, steps), "gymnasium": stepper(theirs, steps)}
+def time_pair(ours: str, theirs: str | None, steps: int, repeats: int,
+              physics: bool = True) -> dict[str, float]:
+    """Best-of-``repeats`` CPU µs per step of both ids (``theirs=None``: ours alone), rounds
+    interleaved (``physics=False``: MuJoCo's engine calls are no-ops)."""
+    runs = {"gradgym": stepper(ours, steps)}
+    if theirs is not None:
+        runs["gymnasium"] = stepper(theirs, steps)
     best = dict.fromkeys(runs, float("inf"))
     with contextlib.nullcontext() if physics else physics_off():
         for round_ in range(repeats + 1):
@@ -102,8 +109,11 @@ def main() -> None:
         ours = f"gradgym/{name}"
         theirs = PAIRS[ours]
         t = time_pair(ours, theirs, args.steps, args.repeats)
-        line = (f"{ours:34s} {theirs:26s} {t['gradgym']:10.1f} {t['gymnasium']:12.1f} "
-                f"{t['gradgym'] / t['gymnasium']:6.2f}")
+        line = f"{ours:34s} {theirs or '-':26s} {t['gradgym']:10.1f} "
+        if theirs is None:
+            print(line + f"{'-':>12s} {'-':>6s}", flush=True)
+            continue
+        line += f"{t['gymnasium']:12.1f} {t['gradgym'] / t['gymnasium']:6.2f}"
         if theirs.endswith("-v5"):
             off = time_pair(ours, theirs, args.steps, args.repeats, physics=False)
             line += f"   {off['gradgym']:23.1f} {off['gymnasium']:9.1f}"
