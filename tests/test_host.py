@@ -101,9 +101,9 @@ def test_indicator_of_one_env_is_numpys(condition):
 
 @pytest.mark.parametrize("task_class", TASKS, ids=lambda task_class: task_class.name)
 def test_step_outputs_are_observe_reward_terms_and_terminated(task_class):
-    # The Gymnasium env's step asks a task for the three together (InvertedPendulum shares
-    # work between them): the same values as asking one by one, on one env and on a batch,
-    # fallen and non-finite states included.
+    # The Gymnasium env's step asks a task for the three together (the pendulums share work
+    # between them): the same values as asking one by one, fallen and non-finite states
+    # included.
     env = gymnasium.make(f"gradgym/{task_class.name}").unwrapped
     env.reset(seed=3)
     rng = np.random.default_rng(3)
@@ -117,8 +117,9 @@ def test_step_outputs_are_observe_reward_terms_and_terminated(task_class):
     for state in states:
         obs, terms, terminated = task.step_outputs(HOST_BACKEND, HostMujocoState.of(*state))
         np.testing.assert_array_equal(obs, task.observe(np, MujocoState(*state)))
-        assert terms.keys() == task.reward_terms(np, MujocoState(*state)).keys()
-        for key, value in task.reward_terms(np, MujocoState(*state)).items():
+        expected = task.reward_terms(np, MujocoState(*state))
+        assert terms.keys() == expected.keys()
+        for key, value in expected.items():
             np.testing.assert_array_equal(terms[key], value)
         assert bool(terminated) == bool(task.terminated(NUMPY_BACKEND, MujocoState(*state)))
     if task_class.name == "InvertedPendulum-v5":  # the fused one: both outcomes were seen

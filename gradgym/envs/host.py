@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-_FLOAT64_ONE, _FLOAT64_ZERO = np.float64(1.0), np.float64(0.0)
+# one env's per-env reward terms are numpy float64 scalars: these, shared, not made per step
+FLOAT64_ONE, FLOAT64_ZERO = np.float64(1.0), np.float64(0.0)
 
 
 def _where(condition: Any, x: Any, y: Any) -> Any:
@@ -28,7 +29,7 @@ def _where(condition: Any, x: Any, y: Any) -> Any:
 
 
 def _like(fill: int) -> Any:
-    constant = _FLOAT64_ONE if fill else _FLOAT64_ZERO
+    constant = FLOAT64_ONE if fill else FLOAT64_ZERO
 
     def like(x: Any) -> Any:
         if type(x) is np.float64:  # the common case: a per-env reward term

@@ -26,6 +26,7 @@ import numpy as np
 
 from gradgym.envs.backends import Backend, to_numpy
 from gradgym.envs.core import Renderer, Task, component
+from gradgym.envs.host import FLOAT64_ONE, FLOAT64_ZERO
 
 if TYPE_CHECKING:  # imported lazily: importing gradgym must not load MuJoCo
     from gradgym.envs.mujoco.physics import Physics
@@ -333,13 +334,10 @@ def all_finite(xp: Any, x: Any) -> Any:
     return xp.all(xp.isfinite(x), axis=-1)
 
 
-_FLOAT64_ONE, _FLOAT64_ZERO = np.float64(1.0), np.float64(0.0)
-
-
 def indicator(xp: Any, condition: Any, like: Any) -> Any:
     """``condition`` as 1.0/0.0 in the dtype of ``like`` (no gradient, like a step)."""
     if type(condition) is np.bool_ and type(like) is np.float64:  # one env on the host path
-        return _FLOAT64_ONE if condition else _FLOAT64_ZERO
+        return FLOAT64_ONE if condition else FLOAT64_ZERO
     return xp.where(condition, xp.ones_like(like), xp.zeros_like(like))
 
 

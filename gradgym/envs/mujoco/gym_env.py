@@ -22,7 +22,6 @@ the current state, so a differentiable rollout can start where the Gymnasium env
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any, ClassVar
 
 import gymnasium
@@ -33,9 +32,9 @@ from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
 from gymnasium.envs.mujoco.mujoco_rendering import MujocoRenderer
 
 from gradgym.envs.core import Env, make
-from gradgym.envs.host import HOST_BACKEND, HOST_XP, as_scalar, batch_of_one
+from gradgym.envs.host import FLOAT64_ZERO, HOST_BACKEND, HOST_XP, as_scalar, batch_of_one
 from gradgym.envs.mujoco import TASKS
-from gradgym.envs.mujoco.base import HostMujocoState, MujocoState, MujocoTask, sum_terms
+from gradgym.envs.mujoco.base import HostMujocoState, MujocoState, MujocoTask, all_finite, sum_terms
 from gradgym.envs.mujoco.physics import asset_path, load_model
 
 # "use Gymnasium's default for this id": a sentinel, since None is a valid camera config.
@@ -49,7 +48,6 @@ _RENDER_ARGS = ("width", "height", "camera_id", "camera_name", "default_camera_c
 
 _NO_READOUTS = np.empty(0)  # the readouts of a task that reads none (never written)
 _NO_READOUTS.flags.writeable = False
-_ZERO = np.float64(0.0)
 
 
 class MujocoGymEnv(MujocoEnv):
@@ -217,10 +215,7 @@ class MujocoGymEnv(MujocoEnv):
         kind = array.dtype.kind
         if kind not in _REAL_KINDS:
             raise TypeError(f"{self.task.name}: action dtype {array.dtype} is not a real number type")
-        # A finite sum means finite entries; Python's sum of the floats costs a fraction of
-        # numpy's isfinite and all on a short vector. Only when it is not (NaN or inf, or
-        # huge finite values overflowing) are the entries looked at by numpy.
-        if kind == "f" and not math.isfinite(sum(array.tolist())) and not np.isfinite(array).all():
+        if kind == "f" and not all_finite(HOST_XP, array):
             raise ValueError(f"{self.task.name}: action contains NaN or inf: {array.tolist()}")
         return array
 
@@ -234,7 +229,7 @@ class MujocoGymEnv(MujocoEnv):
             readouts = np.empty(self._readout_size)
             for part, view in self._readout_views:
                 readouts[part] = view
-        x_velocity = _ZERO
+        x_velocity = FLOAT64_ZERO
         if task.tracks_x:
             # the tracked x of the last state is kept: Humanoid's (its center of mass) is dear
             x = task.tracked_x(HOST_XP, qpos, readouts)
