@@ -14,6 +14,9 @@ the variants interleaved (a shared machine's load hits them alike):
   AOTInductor, and its VJP (traced with ``make_fx``, the forward recomputed) likewise, both
   called from one ``torch.autograd.Function`` per chunk: no dynamo, no AOT autograd
   wrappers, C++ wrappers around the kernels;
+- ``loop``: the pipeline's ``CompiledLoop`` (the default where the step traces into one
+  graph): one compiled forward and one backward ``while_loop`` in C++ per rollout,
+  ``--chunk`` steps unrolled per loop iteration;
 - ``<variant>+<option>=<value>``: a variant compiled with inductor options (one or more,
   each after a ``+``), e.g. ``dynamo+cpp.simdlen=1`` or ``dynamo+cpp_wrapper=1+cpp.simdlen=1``.
 
@@ -44,6 +47,7 @@ import gradgym
 from gradgym.pipelines import _torch
 from gradgym.pipelines._rollout import start_states, transition, tree_leaves, tree_map
 from gradgym.pipelines._torch import CompiledChunks, _unrolled
+from gradgym.pipelines._torch_loop import CompiledLoop
 from gradgym.pipelines.compile_cache import enable_compile_cache
 from gradgym.pipelines.trajectory import open_loop_action, packed_open_loop_loss
 
@@ -236,7 +240,10 @@ def main() -> None:
 
     losses, report = {}, {}
     for variant in args.variants:
-        chunks = ProbeChunks(step, args.chunk, variant)
+        if variant == "loop":
+            chunks = CompiledLoop(step, args.chunk, simd=True)
+        else:
+            chunks = ProbeChunks(step, args.chunk, variant)
         losses[variant] = functools.partial(packed_open_loop_loss, env, _torch, chunks, HORIZON)
         wall, cpu = time.perf_counter(), cpu_seconds()
         first = gradient(losses[variant])

@@ -1,6 +1,6 @@
-"""The compiled torch path (rollouts in compiled chunks) and jax's batched metrics.
+"""The compiled torch path (compiled loops, or chunks for host steps) and jax's batched metrics.
 
-Compiled chunks must give eager's returns and gradients, compile once per pipeline (a
+Compiled rollouts must give eager's returns and gradients, compile once per pipeline (a
 graph break or a recompilation in the step path fails here), and load from the compile
 cache folder in a new process. jax's metrics arrive in batches without changing a value.
 """
@@ -25,6 +25,7 @@ import gradgym
 from gradgym.pipelines import PolicyConfig, TrajectoryConfig, _jax, _torch, policy, trajectory
 from gradgym.pipelines._rollout import initial_carry, rollout_returns, start_states, transition
 from gradgym.pipelines._torch import CompiledChunks
+from gradgym.pipelines._torch_loop import CompiledLoop
 from gradgym.pipelines.config import AUTO_COMPILE_MIN_ITERS, torch_compiles
 
 CLASSIC = ("CartPole", "Pendulum", "MountainCar", "Reacher", "Swimmer")
@@ -72,10 +73,71 @@ def test_compiled_chunks_give_eager_returns_and_gradients(env_name, simd, tmp_pa
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize(("env_name", "unroll"), [(name, 2) for name in CLASSIC]
+                         + [("CartPole", 1), ("Pendulum", 3)])
+def test_compiled_loop_gives_eager_returns_and_gradients(env_name, unroll):
+    """Gradients for the weights, the start state and the scanned inputs (an additive
+    action offset per step), through the forward and the reverse loop."""
+    env = gradgym.make(env_name, backend="torch", dtype="float64")
+    generator = torch.Generator().manual_seed(0)
+    sizes = [env.spec.obs_dim, 8, env.spec.act_dim]
+    weights = [
+        (torch.randn(a, b, generator=generator, dtype=torch.float64).requires_grad_(True),
+         torch.randn(b, generator=generator, dtype=torch.float64).requires_grad_(True))
+        for a, b in itertools.pairwise(sizes)
+    ]
+    horizon = 6
+    offsets = (0.3 * torch.randn(horizon, 3, env.spec.act_dim, generator=generator,
+                                 dtype=torch.float64)).requires_grad_(True)
+    start = tree_of_leaves_requiring_grad(start_states(env, 0, 3))
+    step = functools.partial(transition, env, lambda params, obs, x: mlp_act(params, obs, x) + x)
+    leaves = [leaf for layer in weights for leaf in layer] + [offsets, *float_leaves(start)]
+
+    def returns(step):
+        carry = initial_carry(env, start)
+        return rollout_returns(_torch, step, weights, carry, offsets, horizon)
+
+    eager = returns(step)
+    eager_grads = torch.autograd.grad(eager.sum(), leaves, allow_unused=True)
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        loop = CompiledLoop(step, unroll=unroll)
+        compiled = returns(loop)
+        compiled_grads = torch.autograd.grad(compiled.sum(), leaves, allow_unused=True)
+        with torch.no_grad():  # evaluation: the same forward loop, no recompilation
+            torch.testing.assert_close(returns(loop), compiled.detach(), rtol=0, atol=0)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 2  # the forward and the backward loop
+    assert eager.abs().sum() > 0 and all(g.abs().sum() > 0 for g in eager_grads[:5])
+    torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-12)
+    for got, want in zip(compiled_grads, eager_grads):
+        if want is None:  # a start-state leaf the return does not depend on
+            assert got is None or not got.abs().sum()
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def tree_of_leaves_requiring_grad(state):
+    return type(state)(*(leaf.detach().requires_grad_(leaf.is_floating_point())
+                         for leaf in state))
+
+
+def float_leaves(state):
+    return [leaf for leaf in state if leaf.is_floating_point()]
+
+
+def test_compile_step_compiles_a_loop_where_the_step_traces_and_chunks_for_host_steps():
+    cfg = TrajectoryConfig(torch_compile=True)
+    assert isinstance(_torch.compile_step(mlp_act, cfg, "CartPole"), CompiledLoop)
+    assert isinstance(_torch.compile_step(mlp_act, cfg, "Hopper-v5"), CompiledChunks)
+    assert _torch.compile_step(mlp_act, replace(cfg, torch_compile=False), "CartPole") is mlp_act
+
+
 def test_chunk_length_divides_the_rollout():
     chunks = CompiledChunks(lambda *args: None, chunk=10)
     assert [chunks.chunk_length(n) for n in (100, 30, 7, 97, 4)] == [10, 10, 7, 1, 4]
     assert CompiledChunks(lambda *args: None, chunk=20).chunk_length(30) == 15
+    assert CompiledLoop(lambda *args: None, unroll=4).unroll_length(30) == 3
 
 
 def histories_without_timing(result):
@@ -95,11 +157,12 @@ def test_compiled_pipeline_takes_eager_steps_and_compiles_once(method):
                            render=False, grad_hist_every=0, torch_compile_chunk=4)
     eager = module.optimize(env, cfg, seed=0)
     counters.clear()
-    # one compilation serves training, evaluation and the final returns: no recompilation
+    # one compiled forward and backward loop serve training, evaluation and the final
+    # returns: no recompilation
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = module.optimize(env, replace(cfg, torch_compile=True), seed=0)
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == 2
     assert eager.compile_time_s == 0.0 < compiled.compile_time_s
     want, got = histories_without_timing(eager), histories_without_timing(compiled)
     assert [sorted(m) for m in got] == [sorted(m) for m in want]

@@ -43,7 +43,7 @@ def stop_gradient(tree: Any) -> Any:
     return jax.tree_util.tree_map(jax.lax.stop_gradient, tree)
 
 
-def compile_step(step: Callable, cfg: Any) -> Callable:
+def compile_step(step: Callable, cfg: Any, env_name: str) -> Callable:
     """The per-step function as is: the whole update around it is jitted."""
     return step
 

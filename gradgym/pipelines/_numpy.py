@@ -21,7 +21,7 @@ def stop_gradient(tree: Any) -> Any:
     return tree
 
 
-def compile_step(step: Callable, cfg: Any) -> Callable:
+def compile_step(step: Callable, cfg: Any, env_name: str) -> Callable:
     """The per-step function as is."""
     return step
 

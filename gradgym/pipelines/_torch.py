@@ -1,15 +1,14 @@
 """torch side of the pipelines: autograd through a Python-loop rollout, torch.optim.
 
 With ``cfg.torch_compile`` (true or false here: the pipelines decide ``"auto"`` first, see
-``config.torch_compiles``) the rollout runs in *chunks*: ``torch_compile_chunk`` env steps
+``config.torch_compiles``) the rollout runs compiled. Where the env's step traces into one
+graph (the classic envs) a rollout is a :class:`~gradgym.pipelines._torch_loop.CompiledLoop`:
+one compiled forward loop and one compiled backward loop, in C++, per rollout. A MuJoCo step
+calls the host, so there the rollout runs in *chunks*: ``torch_compile_chunk`` env steps
 (policy + env step, unrolled) are one ``torch.compile``d function, called ``T / chunk``
-times per rollout, with autograd between chunks. One compiled step per call pays
-torch.compile's per-call overhead (guards, AOT autograd wrappers) 2T times per iteration;
-the whole 100-step rollout in one graph runs fastest but takes minutes to compile; a
-chunk of 10 sits between (measurements in benchmarks/pipeline_speed.py and the README).
-Every call of a chunk sees the same shapes, dtypes and ``requires_grad`` flags, so it is
-compiled once (training and evaluation share the graph: evaluation runs with autograd on
-and drops the graph).
+times per rollout, with autograd between chunks. Either way every call sees the same
+shapes, dtypes and ``requires_grad`` flags, so it is compiled once (training and
+evaluation share the graphs).
 
 The metrics of an iteration come to the host in one transfer before the optimizer step;
 the step is skipped on the host when the gradient has a non-finite entry.
@@ -35,7 +34,8 @@ from gradgym.pipelines._rollout import (
     tree_leaves,
     tree_map,
 )
-from gradgym.pipelines.config import ADAMW_WEIGHT_DECAY
+from gradgym.pipelines._torch_loop import CompiledLoop, largest_divisor
+from gradgym.pipelines.config import ADAMW_WEIGHT_DECAY, steps_in_graph
 
 xp = torch
 no_grad = torch.no_grad
@@ -48,22 +48,30 @@ def stop_gradient(tree: Any) -> Any:
     return tree_map(lambda leaf: leaf.detach(), tree)
 
 
-def compile_step(step: Callable, cfg: Any) -> Callable:
-    """``step`` whose rollouts run in compiled chunks when ``cfg.torch_compile``, else as is."""
+def compile_step(step: Callable, cfg: Any, env_name: str) -> Callable:
+    """``step`` whose rollouts run compiled when ``cfg.torch_compile``, else as is: as one
+    compiled forward and backward loop where the step traces into one graph, else in
+    compiled chunks."""
     if not cfg.torch_compile:
         return step
+    if steps_in_graph(env_name):
+        return CompiledLoop(step, cfg.torch_compile_chunk, cfg.torch_compile_simd)
     return CompiledChunks(step, cfg.torch_compile_chunk, cfg.torch_compile_simd)
 
 
 def scan(step: Callable, params: Any, carry: Any, xs: Any, length: int) -> tuple[Any, Any]:
-    """``lax.scan`` semantics: a Python loop of ``step``, or of its compiled chunks."""
-    if isinstance(step, CompiledChunks):
+    """``lax.scan`` semantics: a Python loop of ``step``, or its compiled loop or chunks."""
+    if isinstance(step, (CompiledChunks, CompiledLoop)):
         return step.scan(params, carry, xs, length)
     return loop_scan(torch.stack, step, params, carry, xs, length)
 
 
 class CompiledChunks:
-    """A per-step function whose rollouts call ``torch.compile``d chunks of ``chunk`` steps.
+    """A per-step function whose rollouts call ``torch.compile``d chunks of ``chunk`` steps
+    (steps that call the host, which a compiled loop cannot hold).
+
+    Each call pays torch.compile's per-call overhead (guards, AOT autograd wrappers) twice
+    per iteration (forward and backward): larger chunks run faster and compile slower.
 
     A rollout (or window) of ``length`` steps uses the largest divisor of ``length`` that is
     at most ``chunk``, so every call of a chunk has the same shapes (one compilation);
@@ -85,7 +93,7 @@ class CompiledChunks:
 
     def chunk_length(self, length: int) -> int:
         """Steps per compiled call for a rollout of ``length`` steps."""
-        return max(k for k in range(1, min(self.chunk, length) + 1) if length % k == 0)
+        return largest_divisor(length, self.chunk)
 
     def compiled(self, length: int) -> Callable:
         """The compiled function of ``length`` unrolled steps (compiled on first call)."""

@@ -50,7 +50,8 @@ class _GradientCommon(_Common):
         _check(self, "optimizer", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
         _check(self, "grad_clip", lambda v: _number(v) and v >= 0, "a number >= 0 (0 disables)")
         _check(self, "grad_hist_every", _non_negative_int, "an int >= 0 (0 disables)")
-        _check(self, "torch_compile_chunk", _positive_int, "an int >= 1 (env steps per chunk)")
+        _check(self, "torch_compile_chunk", _positive_int,
+               "an int >= 1 (env steps per compiled loop iteration or chunk)")
         _check(self, "torch_compile", lambda v: isinstance(v, bool) or v == "auto",
                "true, false or auto")
         _check(self, "torch_compile_simd", lambda v: isinstance(v, bool), "true or false")
@@ -80,9 +81,9 @@ class TrajectoryConfig(_GradientCommon):
     init_scale: float = 2.0
     grad_hist_every: int = 50  # report raw gradients for a histogram; 0 disables
     render: bool = True  # report frames of the initial and best trajectory
-    torch_compile: bool | str = "auto"  # torch: compile chunks of the rollout (torch_compiles)
-    torch_compile_chunk: int = 10  # env steps per compiled chunk (a divisor of the horizon)
-    torch_compile_simd: bool = False  # vectorized CPU code: ~2x the compile, ~10% faster here
+    torch_compile: bool | str = "auto"  # torch: compile the rollout (torch_compiles)
+    torch_compile_chunk: int = 2  # env steps per compiled loop iteration (a divisor of T)
+    torch_compile_simd: bool = True  # vectorized CPU code (false: scalar loops)
 
     def validate(self) -> None:
         super().validate()
@@ -107,9 +108,9 @@ class PolicyConfig(_GradientCommon):
     eval_batch: int = 64
     grad_hist_every: int = 200
     render: bool = True
-    torch_compile: bool | str = "auto"  # torch: compile chunks of the rollout (torch_compiles)
-    torch_compile_chunk: int = 10  # env steps per compiled chunk (a divisor of the horizon)
-    torch_compile_simd: bool = True  # vectorized CPU code for the MLP's layers
+    torch_compile: bool | str = "auto"  # torch: compile the rollout (torch_compiles)
+    torch_compile_chunk: int = 1  # env steps per compiled loop iteration (a divisor of T)
+    torch_compile_simd: bool = True  # vectorized CPU code (false: scalar loops)
 
     def validate(self) -> None:
         super().validate()
@@ -174,8 +175,14 @@ def torch_compiles(torch_compile: bool | str, iters: int, env_name: str) -> bool
     on the host and breaks the compiled graph, so ``auto`` leaves those envs eager)."""
     if torch_compile != "auto":
         return bool(torch_compile)
+    return steps_in_graph(env_name) and iters >= AUTO_COMPILE_MIN_ITERS
+
+
+def steps_in_graph(env_name: str) -> bool:
+    """Whether the env's torch step traces into one compiled graph: a classic env's does,
+    a MuJoCo step calls the host (and an unregistered env may)."""
     entry = registered().get(env_name)
-    return entry is not None and entry.family == "classic" and iters >= AUTO_COMPILE_MIN_ITERS
+    return entry is not None and entry.family == "classic"
 
 
 def _check(cfg: Any, field_name: str, ok: Callable[[Any], bool], allowed: str) -> None:

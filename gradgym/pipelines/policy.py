@@ -153,7 +153,7 @@ def optimize_pack(
     ]
     act = functools.partial(mlp_action, env.xp)
     packed_act = functools.partial(packed_mlp_action, env.xp)
-    step = ops.compile_step(functools.partial(transition, env, packed_act), cfg)
+    step = ops.compile_step(functools.partial(transition, env, packed_act), cfg, env.spec.name)
     loss = functools.partial(packed_policy_loss, env, ops, step, cfg.horizon, cfg.grad_horizon)
     trainer = ops.Trainer(loss, params, cfgs)
 

@@ -115,7 +115,7 @@ def optimize_pack(
         for seed, member in zip(seeds, cfgs)
     ]
     act = functools.partial(open_loop_action, env.xp)
-    step = ops.compile_step(functools.partial(transition, env, act), cfg)
+    step = ops.compile_step(functools.partial(transition, env, act), cfg, env.spec.name)
     trainer = ops.Trainer(
         functools.partial(packed_open_loop_loss, env, ops, step, cfg.horizon), logits, cfgs
     )

@@ -1,0 +1,307 @@
+"""A compiled torch rollout as two native loops: the steps forward, their VJPs in reverse.
+
+``torch.compile`` of a whole unrolled rollout runs fastest but takes minutes to compile;
+compiled chunks called from Python pay 100-500 µs of wrappers per call (see
+``CompiledChunks``). Here a rollout of ``T`` steps is one autograd node whose forward is
+one compiled ``while_loop`` over the steps and whose backward is one compiled
+``while_loop`` over the steps' VJPs in reverse. With inductor's C++ wrapper the loops run
+in C++: a step costs a fused kernel and a few µs, and only one step (or ``unroll`` steps)
+and its VJP are compiled, whatever ``T`` is.
+
+- The forward loop writes every step's outputs and the carry it started from into
+  preallocated ``[T, ...]`` buffers (in place: a loop's carry may not grow).
+- The backward loop reads those carries, runs the step's VJP (traced once with
+  ``make_fx``: functorch transforms cannot run inside a traced loop) and carries the
+  cotangent of the carry and the summed cotangent of the parameters; the cotangents of the
+  scanned inputs go into a ``[T, ...]`` buffer.
+
+Every float leaf of the parameters, the start carry and the scanned inputs gets its
+gradient; other leaves (ints, bools) pass through. The step must trace into one graph (no
+host calls): MuJoCo steps use ``CompiledChunks``.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch._higher_order_ops.while_loop import while_loop
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from gradgym.pipelines._rollout import tree_leaves, tree_map
+
+
+WHILE_LOOP = "torch.ops.higher_order.while_loop"
+
+
+class CompiledLoop:
+    """A per-step function whose rollouts run as a compiled forward and backward loop.
+
+    ``unroll`` steps (the largest divisor of the rollout's length that is at most
+    ``unroll``) run per loop iteration: fewer iterations, a longer compile. ``simd=False``
+    has inductor write scalar CPU loops. Called directly, it is the plain step.
+    """
+
+    def __init__(self, step: Callable, unroll: int, simd: bool = True):
+        self.step, self.unroll = step, int(unroll)
+        self._options = {
+            "cpp_wrapper": True,  # the loops run in C++, not in Python wrapper code
+            # while_loop is not cached by default; the cache key holds the loop bodies' code
+            "unsafe_marked_cacheable_functions": {WHILE_LOOP: torch.__version__},
+        } | ({} if simd else {"cpp.simdlen": 1})
+        self._programs: dict[tuple, _LoopProgram] = {}
+
+    def __call__(self, params: Any, carry: Any, x: Any) -> tuple[Any, Any]:
+        return self.step(params, carry, x)
+
+    def unroll_length(self, length: int) -> int:
+        """Steps per loop iteration for a rollout of ``length`` steps."""
+        return largest_divisor(length, self.unroll)
+
+    def scan(self, params: Any, carry: Any, xs: Any, length: int) -> tuple[Any, Any]:
+        """``lax.scan`` semantics: ``length`` steps from ``carry``, outputs stacked on axis 0."""
+        inputs = (params, carry, xs)
+        key = (length, *[_signature(leaf) for leaf in tree_leaves(inputs)])
+        if key not in self._programs:
+            self._programs[key] = _LoopProgram(
+                self.step, inputs, length, self.unroll_length(length), self._options
+            )
+        return self._programs[key](inputs)
+
+
+def largest_divisor(length: int, limit: int) -> int:
+    """The largest divisor of ``length`` that is at most ``limit``: steps per compiled call
+    or loop iteration such that every one sees the same shapes."""
+    return max(k for k in range(1, min(limit, length) + 1) if length % k == 0)
+
+
+def _signature(leaf: Any) -> Any:
+    """What a compiled program assumes of an input leaf (its tree position aside)."""
+    if isinstance(leaf, torch.Tensor):
+        return (tuple(leaf.shape), leaf.dtype, leaf.device)
+    return leaf
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
+
+
+def _rebuild(template: Any, tensors: Any) -> Any:
+    """``template`` with its tensor leaves replaced, in order, by ``tensors``."""
+    it = iter(tensors)
+    return tree_map(lambda leaf: next(it) if isinstance(leaf, torch.Tensor) else leaf, template)
+
+
+def _structure(tree: Any) -> Any:
+    """``tree`` with placeholders for its tensors (a template for :func:`_rebuild`)."""
+    return tree_map(lambda leaf: _PLACEHOLDER if isinstance(leaf, torch.Tensor) else leaf, tree)
+
+
+_PLACEHOLDER = torch.empty(0)
+
+
+def _at(buffer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``buffer[index]`` for a 0-d index tensor, without a data-dependent shape."""
+    return torch.index_select(buffer, 0, index.reshape(1))[0]
+
+
+def _put(buffer: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> None:
+    """``buffer[index] = value`` in place."""
+    buffer.index_copy_(0, index.reshape(1), value.unsqueeze(0))
+
+
+class _LoopProgram:
+    """The compiled forward and backward loops of one rollout signature."""
+
+    def __init__(
+        self, step: Callable, inputs: tuple, length: int, unroll: int, options: dict
+    ) -> None:
+        self.step, self.length, self.unroll = step, length, unroll
+        self.template = _structure(inputs)
+        params, carry, xs = (_tensors(part) for part in inputs)
+        self.counts = (len(params), len(carry), len(xs))
+        x0 = [x[0] for x in xs]
+        with torch.no_grad():
+            next_carry, outputs = self._step_flat(params, carry, x0)
+        self.out_template = _structure(outputs)
+        self.out_shapes = [(leaf.shape, leaf.dtype) for leaf in _tensors(outputs)]
+        floats = [[leaf.is_floating_point() for leaf in part] for part in (params, carry, xs)]
+        self.float_params, self.float_carry, self.float_xs = floats
+        self.float_outputs = [dtype.is_floating_point for _, dtype in self.out_shapes]
+        example = [leaf.detach() for leaf in (*params, *carry, *x0)]
+        cotangents = [torch.ones_like(leaf) for leaf, ok in zip(carry, self.float_carry) if ok]
+        cotangents += [torch.ones(shape, dtype=dtype) for (shape, dtype), ok
+                       in zip(self.out_shapes, self.float_outputs) if ok]
+        self.step_vjp = make_fx(self._vjp_flat)(*example, *cotangents)
+        compile_fn = _compiler(options)
+        self.forward_loop = compile_fn(self._forward_loop)
+        self.backward_loop = compile_fn(self._backward_loop)
+
+    def __call__(self, inputs: tuple) -> tuple[Any, Any]:
+        flat = _tensors(inputs)
+        outputs = _Loop.apply(self, *flat)
+        n_carry = self.counts[1]
+        carry = _rebuild(self.template[1], outputs[:n_carry])
+        return carry, _rebuild(self.out_template, outputs[n_carry:])
+
+    # ------------------------------------------------------------- one step, flat
+    def _split(self, flat: Any) -> tuple[list, list, list]:
+        n_params, n_carry, _ = self.counts
+        return (list(flat[:n_params]), list(flat[n_params:n_params + n_carry]),
+                list(flat[n_params + n_carry:]))
+
+    def _step_flat(self, params: list, carry: list, x: list) -> tuple[list, list]:
+        """The step on flat tensor lists: ``(next carry, outputs)``."""
+        template_params, template_carry, template_xs = self.template
+        x_tree = _rebuild(template_xs, x)
+        next_carry, outputs = self.step(
+            _rebuild(template_params, params), _rebuild(template_carry, carry), x_tree
+        )
+        return _tensors(next_carry), _tensors(outputs)
+
+    def _vjp_flat(self, *args: torch.Tensor) -> tuple:
+        """``(param, carry, x cotangents)`` of one step, float leaves, zeros where unused."""
+        n_in = sum(self.counts)
+        params, carry, x = self._split(args[:n_in])
+        cotangents = list(args[n_in:])
+        floats = (self.float_params, self.float_carry, self.float_xs)
+
+        def differentiable(*float_leaves: torch.Tensor) -> tuple:
+            it = iter(float_leaves)
+            parts = [[next(it) if ok else leaf for leaf, ok in zip(part, mask)]
+                     for part, mask in zip((params, carry, x), floats)]
+            next_carry, outputs = self._step_flat(*parts)
+            return tuple(leaf for leaf, ok in zip(next_carry, self.float_carry) if ok) + tuple(
+                leaf for leaf, ok in zip(outputs, self.float_outputs) if ok)
+
+        primals = [leaf for part, mask in zip((params, carry, x), floats)
+                   for leaf, ok in zip(part, mask) if ok]
+        _, pullback = torch.func.vjp(differentiable, *primals)
+        return tuple(pullback(tuple(cotangents)))
+
+    # ------------------------------------------------------------- the two loops
+    def _forward_loop(self, *args: torch.Tensor) -> tuple:
+        """Steps from the carry; outputs and start carries into their buffers."""
+        n_params, n_carry, n_xs = self.counts
+        n_in = n_params + n_carry + n_xs
+        params, carry, xs = self._split(args[:n_in])
+        output_buffers = args[n_in:n_in + len(self.out_shapes)]
+        carry_buffers = args[n_in + len(self.out_shapes):]
+        unroll = self.unroll
+
+        def body(index: torch.Tensor, *leaves: torch.Tensor) -> tuple:
+            leaves = list(leaves)
+            for k in range(unroll):
+                t = index + k
+                for buffer, leaf in zip(carry_buffers, leaves):
+                    _put(buffer, t, leaf)
+                leaves, outputs = self._step_flat(params, leaves, [_at(x, t) for x in xs])
+                for buffer, output in zip(output_buffers, outputs):
+                    _put(buffer, t, output)
+            return (index + unroll, *[leaf.clone() for leaf in leaves])
+
+        start = torch.zeros((), dtype=torch.int64)
+        end = while_loop(lambda index, *_: index < self.length, body, (start, *carry))
+        return tuple(end[1:])
+
+    def _backward_loop(self, *args: torch.Tensor) -> tuple:
+        """Step VJPs in reverse: ``(start carry cotangents, param cotangents)``; the
+        scanned inputs' cotangents go into their buffers."""
+        n_params, n_carry, n_xs = self.counts
+        params, xs = list(args[:n_params]), list(args[n_params:n_params + n_xs])
+        rest = args[n_params + n_xs:]
+        carry_buffers, rest = rest[:n_carry], rest[n_carry:]
+        n_float_out = sum(self.float_outputs)
+        output_cotangents, rest = rest[:n_float_out], rest[n_float_out:]
+        float_xs = [x for x, ok in zip(xs, self.float_xs) if ok]
+        x_cotangent_buffers, end_cotangents = rest[:len(float_xs)], rest[len(float_xs):]
+        n_float_params, n_float_carry = sum(self.float_params), len(end_cotangents)
+        unroll = self.unroll
+
+        def body(index: torch.Tensor, *loop_carry: torch.Tensor) -> tuple:
+            carry_cotangents = list(loop_carry[:n_float_carry])
+            param_cotangents = list(loop_carry[n_float_carry:])
+            for k in range(unroll):
+                t = index - k
+                carry = [_at(buffer, t) for buffer in carry_buffers]
+                x = [_at(x, t) for x in xs]
+                out = self.step_vjp(*params, *carry, *x, *carry_cotangents,
+                                    *[_at(buffer, t) for buffer in output_cotangents])
+                param_step = out[:n_float_params]
+                carry_cotangents = list(out[n_float_params:n_float_params + n_float_carry])
+                for buffer, cotangent in zip(x_cotangent_buffers, out[n_float_params + n_float_carry:]):
+                    _put(buffer, t, cotangent)
+                param_cotangents = [a + b for a, b in zip(param_cotangents, param_step)]
+            return (index - unroll, *carry_cotangents, *param_cotangents)
+
+        float_params = [p for p, ok in zip(params, self.float_params) if ok]
+        start = torch.full((), self.length - 1, dtype=torch.int64)
+        initial = (start, *end_cotangents, *[torch.zeros_like(p) for p in float_params])
+        end = while_loop(lambda index, *_: index >= 0, body, initial)
+        return tuple(end[1:])
+
+
+def _compiler(options: dict) -> Callable[[Callable], Callable]:
+    """``torch.compile`` with a fresh code object per function: dynamo keys its caches and
+    recompile counts by code object, so programs (pipelines, signatures) do not share them."""
+
+    def compile_fn(method: Callable) -> Callable:
+        fn = method.__func__
+        fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, None,
+                                   fn.__closure__)
+        return torch.compile(types.MethodType(fresh, method.__self__), fullgraph=True,
+                             dynamic=False, options=options)
+
+    return compile_fn
+
+
+class _Loop(torch.autograd.Function):
+    """A rollout as one autograd node: forward and backward loops of a :class:`_LoopProgram`."""
+
+    @staticmethod
+    def forward(ctx: Any, program: _LoopProgram, *flat: torch.Tensor) -> tuple:
+        # detached: the compiled loops then see one requires_grad flag whatever the caller's
+        params, carry, xs = program._split([leaf.detach() for leaf in flat])
+        device = carry[0].device
+        output_buffers = [torch.empty((program.length, *shape), dtype=dtype, device=device)
+                          for shape, dtype in program.out_shapes]
+        carry_buffers = [torch.empty((program.length, *leaf.shape), dtype=leaf.dtype,
+                                     device=device) for leaf in carry]
+        end = program.forward_loop(*params, *carry, *xs, *output_buffers, *carry_buffers)
+        ctx.program = program
+        ctx.save_for_backward(*params, *xs, *carry_buffers)
+        ctx.output_buffers = [(b.shape, b.dtype, b.device) for b in output_buffers]
+        outputs = (*end, *output_buffers)
+        ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
+        return outputs
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple:
+        program = ctx.program
+        n_params, n_carry, n_xs = program.counts
+        saved = ctx.saved_tensors
+        params, xs = saved[:n_params], saved[n_params:n_params + n_xs]
+        carry_buffers = saved[n_params + n_xs:]
+        end_grads, output_grads = grads[:n_carry], grads[n_carry:]
+        output_cotangents = [_dense(grad, *meta) for grad, meta, ok
+                             in zip(output_grads, ctx.output_buffers, program.float_outputs) if ok]
+        end_cotangents = [_dense(grad, b.shape[1:], b.dtype, b.device) for grad, b, ok
+                          in zip(end_grads, carry_buffers, program.float_carry) if ok]
+        x_buffers = [torch.empty_like(x) for x, ok in zip(xs, program.float_xs) if ok]
+        out = program.backward_loop(*params, *xs, *carry_buffers, *output_cotangents,
+                                    *x_buffers, *end_cotangents)
+        carry_grads, param_grads = iter(out[:len(end_cotangents)]), iter(out[len(end_cotangents):])
+        x_grads = iter(x_buffers)
+        grads_in = [next(param_grads) if ok else None for ok in program.float_params]
+        grads_in += [next(carry_grads) if ok else None for ok in program.float_carry]
+        grads_in += [next(x_grads) if ok else None for ok in program.float_xs]
+        return (None, *grads_in)
+
+
+def _dense(grad: torch.Tensor | None, shape: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """An output's cotangent, zeros where autograd passes none; contiguous for the kernels."""
+    if grad is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return grad.contiguous()
