@@ -32,7 +32,6 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from gradgym.pipelines._rollout import tree_leaves, tree_map
 
-
 WHILE_LOOP = "torch.ops.higher_order.while_loop"
 
 
@@ -124,7 +123,7 @@ class _LoopProgram:
         self.counts = (len(params), len(carry), len(xs))
         x0 = [x[0] for x in xs]
         with torch.no_grad():
-            next_carry, outputs = self._step_flat(params, carry, x0)
+            _, outputs = self._step_flat(params, carry, x0)
         self.out_template = _structure(outputs)
         self.out_shapes = [(leaf.shape, leaf.dtype) for leaf in _tensors(outputs)]
         floats = [[leaf.is_floating_point() for leaf in part] for part in (params, carry, xs)]
