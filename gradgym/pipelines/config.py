@@ -161,11 +161,11 @@ def validate_config(cfg: Any, pipeline: str | None = None) -> None:
     cfg.validate()
 
 
-# torch_compile=auto compiles a run of at least this many iterations. A cold compile of the
-# classic envs' chunks takes 10-60 s on 2 CPUs and saves 18-120 ms per iteration: it pays
-# for itself after 450-730 iterations (trajectory and policy on CartPole, Pendulum and
-# Reacher in the README's speed table; 430 for a whole `gradgym run` of policy on CartPole).
-# From a warm compile cache (about 3-5 s) it would pay after about 100.
+# torch_compile=auto compiles a run of at least this many iterations. A cold compile of a
+# classic env's loops takes 14-22 s on 2 CPUs and saves 21-70 ms per iteration: it pays for
+# itself after 270-680 iterations (trajectory and policy on CartPole, Pendulum and Reacher in
+# the README's speed table). From a warm compile cache (about 3-5 s) it would pay after about
+# 100.
 AUTO_COMPILE_MIN_ITERS = 500
 
 
