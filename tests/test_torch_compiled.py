@@ -172,6 +172,23 @@ def test_compiled_pipeline_takes_eager_steps_and_compiles_once(method):
     np.testing.assert_allclose(compiled.final_return, eager.final_return, rtol=1e-9)
 
 
+def test_compiled_truncated_bptt_takes_eager_steps():
+    """Windows of 4, 4 and 1 steps (no gradient between them) and an evaluation batch of
+    another size: a compiled program per signature, the steps of eager."""
+    env = gradgym.make("Pendulum", backend="torch", dtype="float64")
+    cfg = PolicyConfig(iters=4, horizon=9, batch=3, hidden=[8], eval_every=2, eval_batch=5,
+                       render=False, grad_hist_every=0, grad_horizon=4, torch_compile=False)
+    eager = policy.optimize(env, cfg, seed=0)
+    compiled = policy.optimize(env, replace(cfg, torch_compile=True, torch_compile_chunk=2),
+                               seed=0)
+    assert compiled.compile_time_s > 0
+    want, got = histories_without_timing(eager), histories_without_timing(compiled)
+    assert any("eval_return_mean" in m for m in want)
+    for got_metrics, want_metrics in zip(got, want, strict=True):
+        for key, value in want_metrics.items():
+            np.testing.assert_allclose(got_metrics[key], value, rtol=1e-9, err_msg=key)
+
+
 def test_auto_compiles_runs_long_enough_to_repay_a_cold_compile_on_classic_envs():
     assert TrajectoryConfig().torch_compile == PolicyConfig().torch_compile == "auto"
     assert torch_compiles("auto", AUTO_COMPILE_MIN_ITERS, "CartPole")
