@@ -15,6 +15,10 @@ and its VJP are compiled, whatever ``T`` is.
   cotangent of the carry and the summed cotangent of the parameters; the cotangents of the
   scanned inputs go into a ``[T, ...]`` buffer.
 
+The backward loop is built here because torch 2.13's own gradients of loops do not compile
+with the C++ wrapper (``while_loop``'s autograd: not implemented; ``scan``'s: a C++ compile
+error).
+
 Every float leaf of the parameters, the start carry and the scanned inputs gets its
 gradient; other leaves (ints, bools) pass through. The step must trace into one graph (no
 host calls): MuJoCo steps use ``CompiledChunks``.
@@ -131,8 +135,8 @@ class _LoopProgram:
         self.float_outputs = [dtype.is_floating_point for _, dtype in self.out_shapes]
         example = [leaf.detach() for leaf in (*params, *carry, *x0)]
         cotangents = [torch.ones_like(leaf) for leaf, ok in zip(carry, self.float_carry) if ok]
-        cotangents += [torch.ones(shape, dtype=dtype) for (shape, dtype), ok
-                       in zip(self.out_shapes, self.float_outputs) if ok]
+        cotangents += [torch.ones(shape, dtype=dtype, device=carry[0].device)
+                       for (shape, dtype), ok in zip(self.out_shapes, self.float_outputs) if ok]
         self.step_vjp = make_fx(self._vjp_flat)(*example, *cotangents)
         compile_fn = _compiler(options)
         self.forward_loop = compile_fn(self._forward_loop)
