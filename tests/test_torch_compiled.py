@@ -37,6 +37,16 @@ def mlp_returns(env, step, weights, start, horizon):
     return rollout_returns(_torch, step, weights, initial_carry(env, start), None, horizon)
 
 
+def mlp_weights(env, generator):
+    """float64 weights obs -> 8 -> act that require grad."""
+    sizes = [env.spec.obs_dim, 8, env.spec.act_dim]
+    return [
+        (torch.randn(a, b, generator=generator, dtype=torch.float64).requires_grad_(True),
+         torch.randn(b, generator=generator, dtype=torch.float64).requires_grad_(True))
+        for a, b in itertools.pairwise(sizes)
+    ]
+
+
 def mlp_act(params, obs, unused):
     hidden = obs
     for weight, bias in params:
@@ -49,12 +59,7 @@ def mlp_act(params, obs, unused):
 def test_compiled_chunks_give_eager_returns_and_gradients(env_name, simd, tmp_path):
     env = gradgym.make(env_name, backend="torch", dtype="float64")
     generator = torch.Generator().manual_seed(0)
-    sizes = [env.spec.obs_dim, 8, env.spec.act_dim]
-    weights = [
-        (torch.randn(a, b, generator=generator, dtype=torch.float64).requires_grad_(True),
-         torch.randn(b, generator=generator, dtype=torch.float64).requires_grad_(True))
-        for a, b in itertools.pairwise(sizes)
-    ]
+    weights = mlp_weights(env, generator)
     start = start_states(env, 0, 3)
     step = functools.partial(transition, env, mlp_act)
     leaves = [leaf for layer in weights for leaf in layer]
@@ -80,12 +85,7 @@ def test_compiled_loop_gives_eager_returns_and_gradients(env_name, unroll):
     action offset per step), through the forward and the reverse loop."""
     env = gradgym.make(env_name, backend="torch", dtype="float64")
     generator = torch.Generator().manual_seed(0)
-    sizes = [env.spec.obs_dim, 8, env.spec.act_dim]
-    weights = [
-        (torch.randn(a, b, generator=generator, dtype=torch.float64).requires_grad_(True),
-         torch.randn(b, generator=generator, dtype=torch.float64).requires_grad_(True))
-        for a, b in itertools.pairwise(sizes)
-    ]
+    weights = mlp_weights(env, generator)
     horizon = 6
     offsets = (0.3 * torch.randn(horizon, 3, env.spec.act_dim, generator=generator,
                                  dtype=torch.float64)).requires_grad_(True)
