@@ -17,7 +17,6 @@ the step is skipped on the host when the gradient has a non-finite entry.
 from __future__ import annotations
 
 import time
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +33,7 @@ from gradgym.pipelines._rollout import (
     tree_leaves,
     tree_map,
 )
-from gradgym.pipelines._torch_loop import CompiledLoop, largest_divisor
+from gradgym.pipelines._torch_loop import CompiledLoop, largest_divisor, with_own_code
 from gradgym.pipelines.config import ADAMW_WEIGHT_DECAY, steps_in_graph
 
 xp = torch
@@ -118,19 +117,13 @@ class CompiledChunks:
 
 
 def _unrolled(step: Callable, length: int) -> Callable:
-    """``length`` steps of ``step`` as one function with a code object of its own.
-
-    dynamo keeps compiled graphs and counts recompilations per code object: a fresh one
-    per pipeline keeps runs in one process (tests, packed trials) from failing each
-    other's guards and from using up torch's recompile limit, which falls back to eager.
-    """
+    """``length`` steps of ``step`` as one function with a code object of its own (one per
+    pipeline: see :func:`~gradgym.pipelines._torch_loop.with_own_code`)."""
 
     def chunk(params: Any, carry: Any, xs: Any) -> tuple[Any, Any]:
         return loop_scan(torch.stack, step, params, carry, xs, length)
 
-    return types.FunctionType(
-        chunk.__code__.replace(), chunk.__globals__, f"chunk_of_{length}", None, chunk.__closure__
-    )
+    return with_own_code(chunk, f"chunk_of_{length}")
 
 
 def _requiring_grad(leaf: torch.Tensor) -> torch.Tensor:

@@ -218,8 +218,8 @@ class _LoopProgram:
         carry_buffers, rest = rest[:n_carry], rest[n_carry:]
         n_float_out = sum(self.float_outputs)
         output_cotangents, rest = rest[:n_float_out], rest[n_float_out:]
-        float_xs = [x for x, ok in zip(xs, self.float_xs) if ok]
-        x_cotangent_buffers, end_cotangents = rest[:len(float_xs)], rest[len(float_xs):]
+        n_float_xs = sum(self.float_xs)
+        x_cotangent_buffers, end_cotangents = rest[:n_float_xs], rest[n_float_xs:]
         n_float_params, n_float_carry = sum(self.float_params), len(end_cotangents)
         unroll = self.unroll
 
@@ -246,16 +246,23 @@ class _LoopProgram:
         return tuple(end[1:])
 
 
+def with_own_code(fn: Callable, name: str | None = None) -> Callable:
+    """``fn`` with a code object of its own.
+
+    dynamo keeps compiled graphs and counts recompilations per code object: a fresh one per
+    compiled function keeps runs in one process (tests, packed trials, signatures) from
+    failing each other's guards and from using up torch's recompile limit.
+    """
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, name or fn.__name__, None,
+                              fn.__closure__)
+
+
 def _compiler(options: dict) -> Callable[[Callable], Callable]:
-    """``torch.compile`` with a fresh code object per function: dynamo keys its caches and
-    recompile counts by code object, so programs (pipelines, signatures) do not share them."""
+    """``torch.compile`` of a bound method, whole graph, with its own code object."""
 
     def compile_fn(method: Callable) -> Callable:
-        fn = method.__func__
-        fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, None,
-                                   fn.__closure__)
-        return torch.compile(types.MethodType(fresh, method.__self__), fullgraph=True,
-                             dynamic=False, options=options)
+        fresh = types.MethodType(with_own_code(method.__func__), method.__self__)
+        return torch.compile(fresh, fullgraph=True, dynamic=False, options=options)
 
     return compile_fn
 
@@ -275,7 +282,6 @@ class _Loop(torch.autograd.Function):
         end = program.forward_loop(*params, *carry, *xs, *output_buffers, *carry_buffers)
         ctx.program = program
         ctx.save_for_backward(*params, *xs, *carry_buffers)
-        ctx.output_buffers = [(b.shape, b.dtype, b.device) for b in output_buffers]
         outputs = (*end, *output_buffers)
         ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
         return outputs
@@ -288,9 +294,13 @@ class _Loop(torch.autograd.Function):
         params, xs = saved[:n_params], saved[n_params:n_params + n_xs]
         carry_buffers = saved[n_params + n_xs:]
         end_grads, output_grads = grads[:n_carry], grads[n_carry:]
-        output_cotangents = [_dense(grad, *meta) for grad, meta, ok
-                             in zip(output_grads, ctx.output_buffers, program.float_outputs) if ok]
-        end_cotangents = [_dense(grad, b.shape[1:], b.dtype, b.device) for grad, b, ok
+        device = carry_buffers[0].device
+        output_cotangents = [
+            _dense(grad, (program.length, *shape), dtype, device)
+            for grad, (shape, dtype), ok
+            in zip(output_grads, program.out_shapes, program.float_outputs) if ok
+        ]
+        end_cotangents = [_dense(grad, b.shape[1:], b.dtype, device) for grad, b, ok
                           in zip(end_grads, carry_buffers, program.float_carry) if ok]
         x_buffers = [torch.empty_like(x) for x, ok in zip(xs, program.float_xs) if ok]
         out = program.backward_loop(*params, *xs, *carry_buffers, *output_cotangents,
