@@ -23,7 +23,13 @@ from torch._dynamo.utils import counters
 
 import gradgym
 from gradgym.pipelines import PolicyConfig, TrajectoryConfig, _jax, _torch, policy, trajectory
-from gradgym.pipelines._rollout import initial_carry, rollout_returns, start_states, transition
+from gradgym.pipelines._rollout import (
+    initial_carry,
+    masked_return,
+    rollout_returns,
+    start_states,
+    transition,
+)
 from gradgym.pipelines._torch import CompiledChunks
 from gradgym.pipelines._torch_loop import CompiledLoop
 from gradgym.pipelines.config import AUTO_COMPILE_MIN_ITERS, torch_compiles
@@ -117,6 +123,55 @@ def test_compiled_loop_gives_eager_returns_and_gradients(env_name, unroll):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
+def end_and_return_reduce(end_carry, outputs):
+    """A value from both the end carry and the stacked outputs, and an aux tree."""
+    returns = masked_return(torch, *outputs)
+    _, end_obs = end_carry
+    return torch.stack([returns.mean(), (end_obs**2).sum()]), {"returns": returns}
+
+
+@pytest.mark.parametrize("env_name", CLASSIC)
+def test_value_and_grad_gives_eager_values_and_gradients(env_name):
+    """One compiled call for the loops, the reduction and its VJP: the value, aux and the
+    gradients of ``value.sum()`` for weights, start carry and scanned inputs of eager."""
+    env = gradgym.make(env_name, backend="torch", dtype="float64")
+    generator = torch.Generator().manual_seed(1)
+    weights = mlp_weights(env, generator)
+    horizon = 6
+    offsets = (0.3 * torch.randn(horizon, 3, env.spec.act_dim, generator=generator,
+                                 dtype=torch.float64)).requires_grad_(True)
+    state, obs = initial_carry(env, start_states(env, 1, 3))
+    carry = (tree_of_leaves_requiring_grad(state), obs.detach().requires_grad_(True))
+    step = functools.partial(transition, env, lambda params, obs, x: mlp_act(params, obs, x) + x)
+
+    end, outputs = _torch.scan(step, weights, carry, offsets, horizon)
+    want_value, want_aux = end_and_return_reduce(end, outputs)
+    leaves = [leaf for layer in weights for leaf in layer] + [*float_leaves(carry[0]), carry[1],
+                                                              offsets]
+    want = torch.autograd.grad(want_value.sum(), leaves, allow_unused=True)
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        loop = CompiledLoop(step, unroll=2)
+        for _ in range(2):  # the second call reuses the first's graph
+            (value, aux), (weight_grads, carry_grads, offset_grads) = loop.value_and_grad(
+                weights, carry, offsets, horizon, end_and_return_reduce)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(value, want_value.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(aux["returns"], want_aux["returns"].detach(), rtol=1e-10,
+                               atol=1e-12)
+    state_grads, obs_grad = carry_grads
+    got = [g for layer in weight_grads for g in layer]
+    got += [g for g in state_grads if g is not None] + [obs_grad, offset_grads]
+    assert [g is None for g in state_grads] == [not leaf.is_floating_point() for leaf in state]
+    assert all(g is not None and g.abs().sum() > 0 for g in want[:4] + want[-2:])
+    for got_grad, want_grad in zip(got, want, strict=True):
+        if want_grad is None:  # a start-state leaf the value does not depend on
+            assert not got_grad.abs().sum()
+        else:
+            torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
+
+
 def tree_of_leaves_requiring_grad(state):
     return type(state)(*(leaf.detach().requires_grad_(leaf.is_floating_point())
                          for leaf in state))
@@ -157,12 +212,12 @@ def test_compiled_pipeline_takes_eager_steps_and_compiles_once(method):
                            render=False, grad_hist_every=0, torch_compile_chunk=4)
     eager = module.optimize(env, cfg, seed=0)
     counters.clear()
-    # one compiled forward and backward loop serve training, evaluation and the final
-    # returns: no recompilation
+    # no recompilation: trajectory's one compiled gradient (loops, return and its VJP) and
+    # policy's compiled forward and backward loops serve training and evaluation
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = module.optimize(env, replace(cfg, torch_compile=True), seed=0)
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] == 2
+    assert counters["stats"]["unique_graphs"] == (1 if method == "trajectory" else 2)
     assert eager.compile_time_s == 0.0 < compiled.compile_time_s
     want, got = histories_without_timing(eager), histories_without_timing(compiled)
     assert [sorted(m) for m in got] == [sorted(m) for m in want]

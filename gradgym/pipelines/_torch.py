@@ -194,12 +194,18 @@ class Trainer:
     forward pass, and each member's gradient lands in its own leaves. Members are
     independent, so the gradient of the sum of the losses is every member's own gradient;
     a member's steps are those of its lone run (a lone run is a pack of one).
+
+    Compiled, a loss with a ``value_and_grad(params, inputs) -> (losses, returns, grads)``
+    (other than ``None``) gives its gradient itself, in one compiled call, and no autograd
+    graph is built (see ``trajectory.OpenLoopLoss``).
     """
 
     def __init__(self, loss_fn: LossFn, params: list[Any], cfgs: list[Any]):
         self._members = [_Member(p, cfg) for p, cfg in zip(params, cfgs)]
         self._loss_fn = loss_fn
         self._compiled = bool(cfgs[0].torch_compile)
+        fused = getattr(loss_fn, "value_and_grad", None)
+        self._value_and_grad = fused if self._compiled else None
         self._flat_grad: torch.Tensor | None = None
 
     @property
@@ -218,6 +224,11 @@ class Trainer:
         if not self._compiled:
             return 0.0
         began = time.perf_counter()
+        if self._value_and_grad is not None:
+            for batch in (inputs, eval_inputs):
+                if batch is not None:
+                    self._value_and_grad(self.params, batch)  # it evaluates, too
+            return time.perf_counter() - began
         scratch = tree_map(lambda p: p.requires_grad_(True), self.params)
         losses, _ = self._loss_fn(scratch, inputs)
         losses.sum().backward()
@@ -227,11 +238,10 @@ class Trainer:
 
     def step(self, inputs: Any) -> list[list[float]]:
         """One update of every member; per member ``GRADIENT_STEP_METRICS`` before it."""
-        losses, returns = self._loss_fn(self._stacked(), inputs)
-        for member in self._members:
-            member.optimizer.zero_grad(set_to_none=False)  # zeros where the loss has no path
-        if losses.requires_grad:  # e.g. a constant reward whose only dependence is via done
-            losses.sum().backward()
+        if self._value_and_grad is not None:
+            losses, returns = self._fused_gradients(inputs)
+        else:
+            losses, returns = self._autograd_gradients(inputs)
         flat = self._flat_gradients()
         grad_norms = torch.linalg.vector_norm(flat, dim=1)
         metrics = torch.stack(
@@ -239,7 +249,7 @@ class Trainer:
                 returns.mean(dim=1),
                 returns.amin(dim=1),
                 returns.amax(dim=1),
-                losses.detach(),
+                losses,
                 grad_norms,
                 flat.abs().amax(dim=1),
                 (~torch.isfinite(flat)).sum(dim=1).to(flat.dtype),
@@ -252,6 +262,23 @@ class Trainer:
             if row[-1] == 0:  # every gradient entry of this member is finite
                 member.update(norm)
         return metrics
+
+    def _autograd_gradients(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(losses, returns)``; the members' gradients into their leaves' ``grad``."""
+        losses, returns = self._loss_fn(self._stacked(), inputs)
+        for member in self._members:
+            member.optimizer.zero_grad(set_to_none=False)  # zeros where the loss has no path
+        if losses.requires_grad:  # e.g. a constant reward whose only dependence is via done
+            losses.sum().backward()
+        return losses.detach(), returns.detach()
+
+    def _fused_gradients(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_autograd_gradients` by the loss's own ``value_and_grad``."""
+        losses, returns, grads = self._value_and_grad(self.params, inputs)
+        for index, member in enumerate(self._members):
+            for leaf, grad in zip(member.leaves, tree_leaves(member_of(grads, index))):
+                leaf.grad.copy_(grad)
+        return losses, returns
 
     def _flat_gradients(self) -> torch.Tensor:
         """Every member's gradient, flat: ``[M, n_params]``."""
@@ -271,6 +298,8 @@ class Trainer:
         Compiled, it runs with autograd on (the graph is dropped): the training graph
         serves, where ``no_grad`` would compile another one.
         """
+        if self._value_and_grad is not None:
+            return self._value_and_grad(self.params, inputs)[1].numpy()
         if self._compiled:
             return self._loss_fn(self._stacked(), inputs)[1].detach().numpy()
         with torch.no_grad():

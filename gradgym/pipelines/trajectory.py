@@ -16,7 +16,8 @@ to the env's backend, i.e. the same ``B`` start states on every backend. Example
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from gradgym.pipelines._rollout import (
     host_rng,
     host_uniform,
     initial_carry,
+    masked_return,
     record_frames,
     rollout_returns,
     stack_trees,
@@ -62,12 +64,60 @@ def packed_open_loop_loss(
     """``(losses [M], returns [M, B])`` of a pack's logits ``[M, B, T, act_dim]`` from its
     start states ``[M, B, ...]``: the members are folded into one batch of ``M * B``."""
     xp = ops.xp
-    members, batch = logits.shape[0], logits.shape[1]
     _, returns = open_loop_loss(
         env, ops, step, horizon, fold_members(xp, logits), fold_members(xp, start)
     )
-    returns = xp.reshape(returns, (members, batch))
+    return member_losses(xp, logits.shape[0], returns)
+
+
+def member_losses(xp: Any, members: int, returns: Any) -> tuple[Any, Any]:
+    """``(losses [M], returns [M, B])`` of the folded returns ``[M * B]`` of a pack."""
+    returns = xp.reshape(returns, (members, -1))
     return -xp.mean(returns, axis=1), returns
+
+
+@dataclass(frozen=True, eq=False)
+class OpenLoopLoss:
+    """A pack's loss as the trainers call it: ``loss(logits, start) -> (losses [M], returns
+    [M, B])`` (see :func:`packed_open_loop_loss`).
+
+    ``value_and_grad`` is set where the rollout gives its own gradient (torch's compiled
+    loops): ``(losses, returns, gradient of losses.sum() w.r.t. the logits)`` in one
+    compiled call, which the torch trainer uses instead of autograd.
+    """
+
+    env: Env
+    ops: Any
+    step: Any
+    horizon: int
+
+    def __call__(self, logits: Any, start: Any) -> tuple[Any, Any]:
+        return packed_open_loop_loss(self.env, self.ops, self.step, self.horizon, logits, start)
+
+    @property
+    def value_and_grad(self) -> Callable | None:
+        return self._value_and_grad if hasattr(self.step, "value_and_grad") else None
+
+    def _value_and_grad(self, logits: Any, start: Any) -> tuple[Any, Any, Any]:
+        xp = self.ops.xp
+        time_major = xp.moveaxis(fold_members(xp, logits), 1, 0)
+        carry = initial_carry(self.env, fold_members(xp, start))
+        reduce = rollout_losses(xp, logits.shape[0])
+        (losses, returns), (_, _, grad) = self.step.value_and_grad(
+            None, carry, time_major, self.horizon, reduce
+        )
+        return losses, returns, xp.reshape(xp.moveaxis(grad, 0, 1), logits.shape)
+
+
+@functools.cache
+def rollout_losses(xp: Any, members: int) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """``reduce(end carry, (rewards, dones)) -> (losses [M], returns [M, B])`` of a pack's
+    rollout; one function per array module and pack size (it keys compiled code)."""
+
+    def reduce(end_carry: Any, outputs: tuple[Any, Any]) -> tuple[Any, Any]:
+        return member_losses(xp, members, masked_return(xp, *outputs))
+
+    return reduce
 
 
 def optimize(
@@ -116,9 +166,7 @@ def optimize_pack(
     ]
     act = functools.partial(open_loop_action, env.xp)
     step = ops.compile_step(functools.partial(transition, env, act), cfg, env.spec.name)
-    trainer = ops.Trainer(
-        functools.partial(packed_open_loop_loss, env, ops, step, cfg.horizon), logits, cfgs
-    )
+    trainer = ops.Trainer(OpenLoopLoss(env, ops, step, cfg.horizon), logits, cfgs)
     start = stack_trees(env.xp, starts)
 
     def render(index: int, params: Any) -> list:

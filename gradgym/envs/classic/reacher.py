@@ -73,11 +73,9 @@ class Reacher(Task):
         angle_vels = state.angle_vels + self.dt * self.torque_scale * action
         return ReacherState(state.angles + self.dt * angle_vels, angle_vels, state.goal)
 
-    def tip(self, xp: Any, state: ReacherState) -> Any:
-        """End-effector position ``[..., 2]``."""
-        return xp.stack(
-            [xp.sum(xp.cos(state.angles), axis=-1), xp.sum(xp.sin(state.angles), axis=-1)], axis=-1
-        )
+    def tip(self, xp: Any, state: ReacherState) -> tuple[Any, Any]:
+        """End-effector position ``(x, y)``, each ``[...]``."""
+        return xp.sum(xp.cos(state.angles), axis=-1), xp.sum(xp.sin(state.angles), axis=-1)
 
     def observe(self, xp: Any, state: ReacherState) -> Any:
         return xp.concat(
@@ -85,7 +83,9 @@ class Reacher(Task):
         )
 
     def reward(self, xp: Any, state: ReacherState) -> Any:
-        return xp.exp(-xp.sum((self.tip(xp, state) - state.goal) ** 2, axis=-1))
+        # per coordinate, not stacked: a compiled torch step then vectorizes over the batch
+        tip_x, tip_y = self.tip(xp, state)
+        return xp.exp(-((tip_x - state.goal[..., 0]) ** 2 + (tip_y - state.goal[..., 1]) ** 2))
 
     def make_renderer(self, size: int | None = None) -> ReacherRenderer:
         return ReacherRenderer(self, size)
