@@ -22,7 +22,15 @@ from conftest import REPO_ROOT
 from torch._dynamo.utils import counters
 
 import gradgym
-from gradgym.pipelines import PolicyConfig, TrajectoryConfig, _jax, _torch, policy, trajectory
+from gradgym.pipelines import (
+    PolicyConfig,
+    TrajectoryConfig,
+    _jax,
+    _torch,
+    policy,
+    run_pack,
+    trajectory,
+)
 from gradgym.pipelines._rollout import (
     initial_carry,
     masked_return,
@@ -225,6 +233,24 @@ def test_compiled_pipeline_takes_eager_steps_and_compiles_once(method):
         for key, value in want_metrics.items():
             np.testing.assert_allclose(got_metrics[key], value, rtol=1e-9, err_msg=key)
     np.testing.assert_allclose(compiled.final_return, eager.final_return, rtol=1e-9)
+
+
+def test_compiled_trajectory_pack_members_take_their_lone_eager_steps():
+    """The one compiled gradient of a pack (members folded into the batch) gives each
+    member the steps of its lone eager run."""
+    env = gradgym.make("CartPole", backend="torch", dtype="float64")
+    base = TrajectoryConfig(iters=3, horizon=8, batch=3, render=False, grad_hist_every=0)
+    cfgs = [replace(base, lr=0.05), replace(base, lr=0.2, init_scale=1.0)]
+    seeds = [0, 1]
+    compiled = run_pack("trajectory", env, [replace(c, torch_compile=True) for c in cfgs],
+                        seeds=seeds)
+    for member, cfg, seed in zip(compiled, cfgs, seeds):
+        lone = trajectory.optimize(env, replace(cfg, torch_compile=False), seed=seed)
+        want, got = histories_without_timing(lone), histories_without_timing(member)
+        for got_metrics, want_metrics in zip(got, want, strict=True):
+            for key, value in want_metrics.items():
+                np.testing.assert_allclose(got_metrics[key], value, rtol=1e-9, err_msg=key)
+        np.testing.assert_allclose(member.final_return, lone.final_return, rtol=1e-9)
 
 
 def test_compiled_truncated_bptt_takes_eager_steps():

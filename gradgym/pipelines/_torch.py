@@ -295,8 +295,9 @@ class Trainer:
     def returns(self, inputs: Any) -> np.ndarray:
         """The returns ``[M, B]`` of the current parameters from ``inputs``, on the host.
 
-        Compiled, it runs with autograd on (the graph is dropped): the training graph
-        serves, where ``no_grad`` would compile another one.
+        Compiled, the training program serves (another would cost a compile): the loss's
+        own ``value_and_grad`` (its gradient unused), or the loss with autograd on (the graph
+        dropped), where ``no_grad`` would compile another one.
         """
         if self._value_and_grad is not None:
             return self._value_and_grad(self.params, inputs)[1].numpy()
