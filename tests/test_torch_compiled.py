@@ -220,12 +220,12 @@ def test_compiled_pipeline_takes_eager_steps_and_compiles_once(method):
                            render=False, grad_hist_every=0, torch_compile_chunk=4)
     eager = module.optimize(env, cfg, seed=0)
     counters.clear()
-    # no recompilation: trajectory's one compiled gradient (loops, return and its VJP) and
-    # policy's compiled forward and backward loops serve training and evaluation
+    # one compiled gradient (the loops, the return and its VJP) serves training and
+    # evaluation, without recompiling
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = module.optimize(env, replace(cfg, torch_compile=True), seed=0)
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] == (1 if method == "trajectory" else 2)
+    assert counters["stats"]["unique_graphs"] == 1
     assert eager.compile_time_s == 0.0 < compiled.compile_time_s
     want, got = histories_without_timing(eager), histories_without_timing(compiled)
     assert [sorted(m) for m in got] == [sorted(m) for m in want]

@@ -11,6 +11,7 @@ and runs can be compared across backends value by value.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from types import ModuleType
@@ -210,6 +211,23 @@ def masked_return(xp: Any, rewards: Any, dones: Any) -> Any:
     ended = xp.where(dones, xp.ones_like(rewards), zeros)
     ended_before = xp.cumsum(ended, axis=0) - ended
     return xp.sum(xp.where(ended_before == 0, rewards, zeros), axis=0)
+
+
+def member_losses(xp: Any, members: int, returns: Any) -> tuple[Any, Any]:
+    """``(losses [M], returns [M, B])`` of the folded returns ``[M * B]`` of a pack."""
+    returns = xp.reshape(returns, (members, -1))
+    return -xp.mean(returns, axis=1), returns
+
+
+@functools.cache
+def rollout_losses(xp: Any, members: int) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """``reduce(end carry, (rewards, dones)) -> (losses [M], returns [M, B])`` of a pack's
+    rollout; one function per array module and pack size (it keys compiled code)."""
+
+    def reduce(end_carry: Any, outputs: tuple[Any, Any]) -> tuple[Any, Any]:
+        return member_losses(xp, members, masked_return(xp, *outputs))
+
+    return reduce
 
 
 def loop_scan(

@@ -197,7 +197,7 @@ class Trainer:
 
     Compiled, a loss with a ``value_and_grad(params, inputs) -> (losses, returns, grads)``
     (other than ``None``) gives its gradient itself, in one compiled call, and no autograd
-    graph is built (see ``trajectory.OpenLoopLoss``).
+    graph is built (see ``trajectory.OpenLoopLoss``, ``policy.PolicyLoss``).
     """
 
     def __init__(self, loss_fn: LossFn, params: list[Any], cfgs: list[Any]):

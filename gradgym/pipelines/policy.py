@@ -15,7 +15,8 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,8 +30,10 @@ from gradgym.pipelines._rollout import (
     fold_members,
     host_rng,
     initial_carry,
+    member_losses,
     member_states,
     record_frames,
+    rollout_losses,
     rollout_returns,
     stack_trees,
     start_states,
@@ -103,8 +106,45 @@ def packed_policy_loss(
     _, returns = policy_loss(
         env, ops, step, horizon, grad_horizon, params, fold_members(xp, start)
     )
-    returns = xp.reshape(returns, (params[0][0].shape[0], -1))
-    return -xp.mean(returns, axis=1), returns
+    return member_losses(xp, params[0][0].shape[0], returns)
+
+
+@dataclass(frozen=True, eq=False)
+class PolicyLoss:
+    """A pack's loss as the trainers call it: ``loss(params, start) -> (losses [M], returns
+    [M, B])`` (see :func:`packed_policy_loss`).
+
+    ``value_and_grad`` is set where the rollout gives its own gradient (torch's compiled
+    loops) and gradients run through the whole horizon: ``(losses, returns, gradients of
+    losses.sum() w.r.t. the weights)`` in one compiled call, which the torch trainer uses
+    instead of autograd.
+    """
+
+    env: Env
+    ops: Any
+    step: Any
+    horizon: int
+    grad_horizon: int
+
+    def __call__(self, params: Any, start: Any) -> tuple[Any, Any]:
+        return packed_policy_loss(
+            self.env, self.ops, self.step, self.horizon, self.grad_horizon, params, start
+        )
+
+    @property
+    def value_and_grad(self) -> Callable | None:
+        truncated = 0 < self.grad_horizon < self.horizon
+        fused = hasattr(self.step, "value_and_grad") and not truncated
+        return self._value_and_grad if fused else None
+
+    def _value_and_grad(self, params: Any, start: Any) -> tuple[Any, Any, Any]:
+        xp = self.ops.xp
+        carry = initial_carry(self.env, fold_members(xp, start))
+        reduce = rollout_losses(xp, params[0][0].shape[0])
+        (losses, returns), (grads, _, _) = self.step.value_and_grad(
+            params, carry, None, self.horizon, reduce
+        )
+        return losses, returns, grads
 
 
 def optimize(
@@ -154,7 +194,7 @@ def optimize_pack(
     act = functools.partial(mlp_action, env.xp)
     packed_act = functools.partial(packed_mlp_action, env.xp)
     step = ops.compile_step(functools.partial(transition, env, packed_act), cfg, env.spec.name)
-    loss = functools.partial(packed_policy_loss, env, ops, step, cfg.horizon, cfg.grad_horizon)
+    loss = PolicyLoss(env, ops, step, cfg.horizon, cfg.grad_horizon)
     trainer = ops.Trainer(loss, params, cfgs)
 
     def render(index: int, weights: Any) -> list:

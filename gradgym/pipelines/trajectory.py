@@ -32,8 +32,9 @@ from gradgym.pipelines._rollout import (
     host_rng,
     host_uniform,
     initial_carry,
-    masked_return,
+    member_losses,
     record_frames,
+    rollout_losses,
     rollout_returns,
     stack_trees,
     start_states,
@@ -70,12 +71,6 @@ def packed_open_loop_loss(
     return member_losses(xp, logits.shape[0], returns)
 
 
-def member_losses(xp: Any, members: int, returns: Any) -> tuple[Any, Any]:
-    """``(losses [M], returns [M, B])`` of the folded returns ``[M * B]`` of a pack."""
-    returns = xp.reshape(returns, (members, -1))
-    return -xp.mean(returns, axis=1), returns
-
-
 @dataclass(frozen=True, eq=False)
 class OpenLoopLoss:
     """A pack's loss as the trainers call it: ``loss(logits, start) -> (losses [M], returns
@@ -107,17 +102,6 @@ class OpenLoopLoss:
             None, carry, time_major, self.horizon, reduce
         )
         return losses, returns, xp.reshape(xp.moveaxis(grad, 0, 1), logits.shape)
-
-
-@functools.cache
-def rollout_losses(xp: Any, members: int) -> Callable[[Any, Any], tuple[Any, Any]]:
-    """``reduce(end carry, (rewards, dones)) -> (losses [M], returns [M, B])`` of a pack's
-    rollout; one function per array module and pack size (it keys compiled code)."""
-
-    def reduce(end_carry: Any, outputs: tuple[Any, Any]) -> tuple[Any, Any]:
-        return member_losses(xp, members, masked_return(xp, *outputs))
-
-    return reduce
 
 
 def optimize(
