@@ -239,10 +239,9 @@ class Trainer:
     def step(self, inputs: Any) -> list[list[float]]:
         """One update of every member; per member ``GRADIENT_STEP_METRICS`` before it."""
         if self._value_and_grad is not None:
-            losses, returns = self._fused_gradients(inputs)
+            losses, returns, flat = self._fused_gradients(inputs)
         else:
-            losses, returns = self._autograd_gradients(inputs)
-        flat = self._flat_gradients()
+            losses, returns, flat = self._autograd_gradients(inputs)
         grad_norms = torch.linalg.vector_norm(flat, dim=1)
         metrics = torch.stack(
             [
@@ -263,28 +262,25 @@ class Trainer:
                 member.update(norm)
         return metrics
 
-    def _autograd_gradients(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(losses, returns)``; the members' gradients into their leaves' ``grad``."""
+    def _autograd_gradients(self, inputs: Any) -> tuple[torch.Tensor, ...]:
+        """``(losses, returns, flat gradients [M, n_params])``; the members' gradients into
+        their leaves' ``grad``."""
         losses, returns = self._loss_fn(self._stacked(), inputs)
         for member in self._members:
             member.optimizer.zero_grad(set_to_none=False)  # zeros where the loss has no path
         if losses.requires_grad:  # e.g. a constant reward whose only dependence is via done
             losses.sum().backward()
-        return losses.detach(), returns.detach()
+        columns = zip(*(member.leaves for member in self._members))
+        grads = [torch.stack([leaf.grad for leaf in column]) for column in columns]
+        return losses.detach(), returns.detach(), _flat(grads)
 
-    def _fused_gradients(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fused_gradients(self, inputs: Any) -> tuple[torch.Tensor, ...]:
         """:meth:`_autograd_gradients` by the loss's own ``value_and_grad``."""
         losses, returns, grads = self._value_and_grad(self.params, inputs)
         for index, member in enumerate(self._members):
             for leaf, grad in zip(member.leaves, tree_leaves(member_of(grads, index))):
                 leaf.grad.copy_(grad)
-        return losses, returns
-
-    def _flat_gradients(self) -> torch.Tensor:
-        """Every member's gradient, flat: ``[M, n_params]``."""
-        columns = zip(*(member.leaves for member in self._members))
-        grads = [torch.stack([leaf.grad for leaf in column]) for column in columns]
-        return torch.cat([g.reshape(len(self._members), -1) for g in grads], dim=1)
+        return losses, returns, _flat(tree_leaves(grads))
 
     def snapshot(self) -> Any:
         """A copy of the current parameters (the optimizers update them in place)."""
@@ -309,6 +305,13 @@ class Trainer:
     def gradients(self, index: int) -> np.ndarray:
         """Member ``index``'s gradient of the last step (before clipping), flat, on the host."""
         return self._flat_grad[index].numpy().copy()
+
+
+def _flat(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Gradient leaves with a leading member axis as one ``[M, n_params]`` tensor."""
+    if len(grads) == 1:
+        return grads[0].reshape(grads[0].shape[0], -1)
+    return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
 
 
 # ---------------------------------------------------------------------- zeroth order (CEM)

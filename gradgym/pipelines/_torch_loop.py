@@ -412,17 +412,29 @@ class _FusedGradient:
         self.n_aux = len(_tensors(aux))
         self.reduce_vjp = make_fx(self._reduce_and_vjp)(*carry, *outputs)
         self.compiled = program.compile_fn(self._fused)
+        self._buffers: list[torch.Tensor] | None = None
+
+    def _make_buffers(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The buffers the loops fill: outputs, carries, the scanned inputs' cotangents.
+
+        Made here, not in the graph: the loops' writes into buffers made inside the graph
+        were lost. Every call overwrites them and returns copies, so calls share them.
+        """
+        program = self.program
+        _, carry, xs = program._split(flat)
+        outputs, carries = program.buffers([_batch_last(leaf) for leaf in carry])
+        x_cotangents = [torch.empty(_batch_last(x, batch_axis=1).shape, dtype=x.dtype,
+                                    device=x.device)
+                        for x, ok in zip(xs, program.float_xs) if ok]
+        return [*outputs, *carries, *x_cotangents]
 
     def __call__(self, inputs: tuple) -> tuple[tuple, tuple]:
         program = self.program
         flat = _tensors(inputs)
-        _, carry, xs = program._split(flat)
-        # Allocated here: the loops' writes into buffers made inside the graph were lost.
-        buffers = program.buffers([_batch_last(leaf) for leaf in carry])
-        x_buffers = [torch.empty(_batch_last(x, batch_axis=1).shape, dtype=x.dtype,
-                                 device=x.device) for x, ok in zip(xs, program.float_xs) if ok]
+        if self._buffers is None:
+            self._buffers = self._make_buffers(flat)
         with torch.no_grad():  # dynamo refuses a loop that writes its inputs under autograd
-            results = self.compiled(*flat, *buffers[0], *buffers[1], *x_buffers)
+            results = self.compiled(*flat, *self._buffers)
         value, aux = results[0], _rebuild(self.aux_template, results[1:1 + self.n_aux])
         grads = iter(results[1 + self.n_aux:])
         floats = (program.float_params, program.float_carry, program.float_xs)
