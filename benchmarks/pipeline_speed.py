@@ -9,8 +9,9 @@ thread):
   iteration is the median of the loop's ``iter_time_s`` (the wall time of the loop between
   two batches of reports over the iterations in the batch, evaluations and the report
   callbacks left out; jax's metrics arrive in batches);
-- torch compiled (``pipeline.torch_compile=true``: a compiled forward and backward loop of
-  ``torch_compile_chunk`` steps per iteration, each pipeline's default unless ``--chunk``)
+- torch compiled (``pipeline.torch_compile=true``: one compiled call per iteration, a
+  forward and a backward loop of ``torch_compile_chunk`` steps per loop iteration, each
+  pipeline's default unless ``--chunk``)
   in fresh processes: cold (an empty compile cache folder) and warm (a second process on
   the same folder), each with its compile time; the time per iteration is the better of
   the two processes' medians;

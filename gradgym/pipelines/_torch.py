@@ -3,7 +3,9 @@
 With ``cfg.torch_compile`` (true or false here: the pipelines decide ``"auto"`` first, see
 ``config.torch_compiles``) the rollout runs compiled. Where the env's step traces into one
 graph (the classic envs) a rollout is a :class:`~gradgym.pipelines._torch_loop.CompiledLoop`:
-one compiled forward loop and one compiled backward loop, in C++, per rollout. A MuJoCo step
+one compiled forward loop and one compiled backward loop, in C++, per rollout; a loss that
+has a ``value_and_grad`` (the pipelines' whole-horizon losses) runs both loops and its own
+VJP in one compiled call, without autograd (see :class:`Trainer`). A MuJoCo step
 calls the host, so there the rollout runs in *chunks*: ``torch_compile_chunk`` env steps
 (policy + env step, unrolled) are one ``torch.compile``d function, called ``T / chunk``
 times per rollout, with autograd between chunks. Either way every call sees the same

@@ -19,6 +19,14 @@ The backward loop is built here because torch 2.13's own gradients of loops do n
 with the C++ wrapper (``while_loop``'s autograd: not implemented; ``scan``'s: a C++ compile
 error).
 
+Training needs less: :meth:`CompiledLoop.value_and_grad` runs the forward loop, a
+reduction of the rollout (the losses) and its VJP, and the backward loop as one compiled
+call, with no autograd graph: the pipelines' whole-horizon gradients take this path, the
+autograd node serves truncated windows and custom losses.
+
+Inside the loops, states are kept batch-last (``[..., B]``): inductor vectorizes along a
+kernel's innermost axis, and batch-first ``[B, 2]`` states gave it two-lane vectors.
+
 Every float leaf of the parameters, the start carry and the scanned inputs gets its
 gradient; other leaves (ints, bools) pass through. The step must trace into one graph (no
 host calls): MuJoCo steps use ``CompiledChunks``.
