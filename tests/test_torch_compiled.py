@@ -68,6 +68,18 @@ def mlp_act(params, obs, unused):
     return hidden
 
 
+def offset_mlp_case(env_name, seed, horizon):
+    """A float64 env, MLP weights, per-step action offsets ``[T, 3, act_dim]`` (the scanned
+    inputs) that require grad, and a step whose action is the MLP's plus the offset."""
+    env = gradgym.make(env_name, backend="torch", dtype="float64")
+    generator = torch.Generator().manual_seed(seed)
+    weights = mlp_weights(env, generator)
+    offsets = (0.3 * torch.randn(horizon, 3, env.spec.act_dim, generator=generator,
+                                 dtype=torch.float64)).requires_grad_(True)
+    step = functools.partial(transition, env, lambda params, obs, x: mlp_act(params, obs, x) + x)
+    return env, weights, offsets, step
+
+
 @pytest.mark.parametrize(("env_name", "simd"), [(name, True) for name in CLASSIC]
                          + [("CartPole", False)])
 def test_compiled_chunks_give_eager_returns_and_gradients(env_name, simd, tmp_path):
@@ -97,14 +109,9 @@ def test_compiled_chunks_give_eager_returns_and_gradients(env_name, simd, tmp_pa
 def test_compiled_loop_gives_eager_returns_and_gradients(env_name, unroll):
     """Gradients for the weights, the start state and the scanned inputs (an additive
     action offset per step), through the forward and the reverse loop."""
-    env = gradgym.make(env_name, backend="torch", dtype="float64")
-    generator = torch.Generator().manual_seed(0)
-    weights = mlp_weights(env, generator)
     horizon = 6
-    offsets = (0.3 * torch.randn(horizon, 3, env.spec.act_dim, generator=generator,
-                                 dtype=torch.float64)).requires_grad_(True)
+    env, weights, offsets, step = offset_mlp_case(env_name, 0, horizon)
     start = tree_of_leaves_requiring_grad(start_states(env, 0, 3))
-    step = functools.partial(transition, env, lambda params, obs, x: mlp_act(params, obs, x) + x)
     leaves = [leaf for layer in weights for leaf in layer] + [offsets, *float_leaves(start)]
 
     def returns(step):
@@ -142,15 +149,10 @@ def end_and_return_reduce(end_carry, outputs):
 def test_value_and_grad_gives_eager_values_and_gradients(env_name):
     """One compiled call for the loops, the reduction and its VJP: the value, aux and the
     gradients of ``value.sum()`` for weights, start carry and scanned inputs of eager."""
-    env = gradgym.make(env_name, backend="torch", dtype="float64")
-    generator = torch.Generator().manual_seed(1)
-    weights = mlp_weights(env, generator)
     horizon = 6
-    offsets = (0.3 * torch.randn(horizon, 3, env.spec.act_dim, generator=generator,
-                                 dtype=torch.float64)).requires_grad_(True)
+    env, weights, offsets, step = offset_mlp_case(env_name, 1, horizon)
     state, obs = initial_carry(env, start_states(env, 1, 3))
     carry = (tree_of_leaves_requiring_grad(state), obs.detach().requires_grad_(True))
-    step = functools.partial(transition, env, lambda params, obs, x: mlp_act(params, obs, x) + x)
 
     end, outputs = _torch.scan(step, weights, carry, offsets, horizon)
     want_value, want_aux = end_and_return_reduce(end, outputs)
