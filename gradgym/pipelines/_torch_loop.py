@@ -91,8 +91,8 @@ class CompiledLoop:
         reduction and its VJP, and the backward loop. ``reduce`` keys the compiled code:
         pass the same function object every time.
         """
-        inputs = tuple(tree_map(lambda leaf: leaf.detach() if isinstance(leaf, torch.Tensor)
-                                else leaf, (params, carry, xs)))
+        inputs = tree_map(lambda leaf: leaf.detach() if isinstance(leaf, torch.Tensor)
+                          else leaf, (params, carry, xs))
         return self._program(inputs, length).value_and_grad(inputs, reduce)
 
     def _program(self, inputs: tuple, length: int) -> _LoopProgram:
