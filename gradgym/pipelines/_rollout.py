@@ -230,6 +230,17 @@ def rollout_losses(xp: Any, members: int) -> Callable[[Any, Any], tuple[Any, Any
     return reduce
 
 
+def pack_value_and_grad(
+    env: Env, xp: Any, step: Any, horizon: int, params: Any, start: Any, xs: Any
+) -> tuple[tuple[Any, Any], tuple[Any, Any, Any]]:
+    """``((losses [M], returns [M, B]), (params, carry, xs) gradients)`` of a pack's rollout
+    from its start states ``[M, B, ...]`` (folded into one batch), in one call of a compiled
+    loop's ``value_and_grad``: the fused path of the pipelines' losses."""
+    members = tree_leaves(start)[0].shape[0]
+    carry = initial_carry(env, fold_members(xp, start))
+    return step.value_and_grad(params, carry, xs, horizon, rollout_losses(xp, members))
+
+
 def loop_scan(
     stack: Callable[[list], Any], step: Callable, params: Any, carry: Any, xs: Any, length: int
 ) -> tuple[Any, Any]:

@@ -32,8 +32,8 @@ from gradgym.pipelines._rollout import (
     initial_carry,
     member_losses,
     member_states,
+    pack_value_and_grad,
     record_frames,
-    rollout_losses,
     rollout_returns,
     stack_trees,
     start_states,
@@ -138,11 +138,8 @@ class PolicyLoss:
         return self._value_and_grad if fused else None
 
     def _value_and_grad(self, params: Any, start: Any) -> tuple[Any, Any, Any]:
-        xp = self.ops.xp
-        carry = initial_carry(self.env, fold_members(xp, start))
-        reduce = rollout_losses(xp, params[0][0].shape[0])
-        (losses, returns), (grads, _, _) = self.step.value_and_grad(
-            params, carry, None, self.horizon, reduce
+        (losses, returns), (grads, _, _) = pack_value_and_grad(
+            self.env, self.ops.xp, self.step, self.horizon, params, start, None
         )
         return losses, returns, grads
 

@@ -33,8 +33,8 @@ from gradgym.pipelines._rollout import (
     host_uniform,
     initial_carry,
     member_losses,
+    pack_value_and_grad,
     record_frames,
-    rollout_losses,
     rollout_returns,
     stack_trees,
     start_states,
@@ -96,10 +96,8 @@ class OpenLoopLoss:
     def _value_and_grad(self, logits: Any, start: Any) -> tuple[Any, Any, Any]:
         xp = self.ops.xp
         time_major = xp.moveaxis(fold_members(xp, logits), 1, 0)
-        carry = initial_carry(self.env, fold_members(xp, start))
-        reduce = rollout_losses(xp, logits.shape[0])
-        (losses, returns), (_, _, grad) = self.step.value_and_grad(
-            None, carry, time_major, self.horizon, reduce
+        (losses, returns), (_, _, grad) = pack_value_and_grad(
+            self.env, xp, self.step, self.horizon, None, start, time_major
         )
         return losses, returns, xp.reshape(xp.moveaxis(grad, 0, 1), logits.shape)
 
