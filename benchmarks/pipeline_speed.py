@@ -52,6 +52,7 @@ from machine_load import load_average
 
 import gradgym
 from gradgym.pipelines import PolicyConfig, TrajectoryConfig, policy, trajectory
+from gradgym.platform.allocator import execute_with_allocator, loaded_allocator
 
 ENV = "CartPole"  # the env of the hand-written references
 ENVS = ("CartPole", "Pendulum", "Reacher")
@@ -347,6 +348,9 @@ def main() -> None:
         "--ivy-repeats", type=int, default=1, help="ivy gradients to time (0: skip)"
     )
     args = parser.parse_args()
+    # On the allocator of `gradgym run` and sweep trials (GRADGYM_MALLOC=system: glibc's);
+    # the compiled children inherit it.
+    execute_with_allocator(sys.orig_argv[1:])
 
     import jax
     import torch
@@ -354,7 +358,7 @@ def main() -> None:
     torch.set_num_threads(1)
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
-        f"{load_average()}; torch {torch.__version__} (1 thread), "
+        f"{load_average()}; malloc {loaded_allocator()}; torch {torch.__version__} (1 thread), "
         f"jax {jax.__version__}; median of {args.iters} iterations ({args.eager_iters} for "
         f"torch eager), best of {args.rounds} rounds; torch compiled: torch_compile_chunk "
         f"{args.chunk or 'as configured'}\n"

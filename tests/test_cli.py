@@ -48,6 +48,7 @@ def test_run_writes_the_run_folder_and_logs_to_the_embedded_store(tmp_path):
     assert summary["best_return"] >= max(line["return_mean"] for line in lines) - 1e-6
     for key in ("final_return", "compile_time_s", "wall_time_s"):
         assert isinstance(summary[key], float)
+    assert summary["malloc"] == "libjemalloc.so"  # `gradgym run` executed itself on jemalloc
     for name in ("video_initial.gif", "video_best.gif"):
         frames = iio.imread(run_dir / name, index=None)
         assert frames.ndim == 4 and frames.shape[0] > 1, name  # horizon 12: several frames

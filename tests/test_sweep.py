@@ -106,6 +106,7 @@ def _check_sweep(client: MlflowClient, name: str, sweep_dir: Path, tmp_path: Pat
     with open(download / "summary.csv") as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 8 and {row["status"] for row in rows} == {"FINISHED"}
+    assert {row["malloc"] for row in rows} == {"libjemalloc.so"}, "trials' workers preload jemalloc"
     assert len({row["pack"] for row in rows}) == 4, "the seeds of each env and backend share a pack"
     assert {row["mlflow_run_id"] for row in rows} == {c.info.run_id for c in children}
     for row in rows:  # the local trial folders hold the same runs

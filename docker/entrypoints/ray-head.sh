@@ -32,6 +32,11 @@ args=(
 [[ -n "${RAY_NUM_GPUS:-}" ]] && args+=(--num-gpus="$RAY_NUM_GPUS")
 [[ -n "${RAY_TEMP_DIR:-}" ]] && args+=(--temp-dir="$RAY_TEMP_DIR")
 
+# Trials on this node start on gradgym's allocator (gradgym/platform/allocator.py; Ray's
+# workers inherit the environment of `ray start`). GRADGYM_MALLOC=system keeps glibc's.
+preload="$(python -m gradgym.platform.allocator)"
+[[ -n "$preload" ]] && export LD_PRELOAD="$preload${LD_PRELOAD:+ $LD_PRELOAD}"
+
 echo "ray-head: starting Ray head on port ${RAY_PORT:-6379}, dashboard" \
   "http://${RAY_DASHBOARD_HOST:-127.0.0.1}:${RAY_DASHBOARD_PORT:-8265}" >&2
 exec ray start "${args[@]}" "$@"

@@ -41,5 +41,10 @@ args=(--address="$head_address" --disable-usage-stats --block)
 [[ -n "${RAY_NUM_GPUS:-}" ]] && args+=(--num-gpus="$RAY_NUM_GPUS")
 [[ -n "${RAY_TEMP_DIR:-}" ]] && args+=(--temp-dir="$RAY_TEMP_DIR")
 
+# Trials on this node start on gradgym's allocator (gradgym/platform/allocator.py; Ray's
+# workers inherit the environment of `ray start`). GRADGYM_MALLOC=system keeps glibc's.
+preload="$(python -m gradgym.platform.allocator)"
+[[ -n "$preload" ]] && export LD_PRELOAD="$preload${LD_PRELOAD:+ $LD_PRELOAD}"
+
 echo "ray-worker: joining the Ray cluster at $head_address" >&2
 exec ray start "${args[@]}" "$@"

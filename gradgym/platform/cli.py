@@ -33,6 +33,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_CONFIG_ERROR
+    if argv is None and args.command == "run":  # the console script, not a caller's main([...])
+        from gradgym.platform.allocator import AllocatorError, execute_with_allocator
+
+        try:
+            execute_with_allocator(sys.orig_argv[1:])  # returns where nothing is to be done
+        except AllocatorError as err:
+            print(f"gradgym run: {err}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
     from gradgym.platform.config import ConfigError
 
     try:
@@ -172,7 +180,7 @@ def _print_run_summary(summary: dict) -> None:
     table = Table(title=f"{summary['pipeline']} on {summary['env']} ({summary['backend']}, "
                         f"seed {summary['seed']})", show_header=False)
     for key in ("status", "iterations", "final_return", "best_return", "compile_time_s",
-                "wall_time_s", "mean_iter_time_s", "run_dir", "mlflow_run_id"):
+                "wall_time_s", "mean_iter_time_s", "malloc", "run_dir", "mlflow_run_id"):
         value = summary.get(key)
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     Console().print(table)

@@ -21,7 +21,7 @@ import numpy as np
 SUMMARY_COLUMNS = (
     "trial", "status", "env", "backend", "pipeline", "seed", "iterations", "final_return",
     "best_return", "compile_time_s", "wall_time_s", "trial_time_s", "mean_iter_time_s",
-    "mlflow_run_id", "error",
+    "malloc", "mlflow_run_id", "error",
 )
 
 

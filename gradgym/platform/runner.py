@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from gradgym.pipelines import MemberOutcome, get_pipeline, pack_key
 from gradgym.pipelines.base import NonFiniteReturnError
 from gradgym.pipelines.compile_cache import enable_compile_cache
+from gradgym.platform.allocator import loaded_allocator
 from gradgym.platform.config import flat_params
 from gradgym.platform.faults import faults_for
 from gradgym.platform.records import (  # noqa: F401 - the errors are the runner's API too
@@ -371,6 +372,7 @@ class _Member:
             "compile_time_s": result.compile_time_s if result is not None else final.get("compile_time_s"),
             "wall_time_s": time.perf_counter() - self.began,
             "mean_iter_time_s": sum(times) / len(times) if times else None,
+            "malloc": loaded_allocator(),  # the iteration times' context (platform/allocator.py)
             "run_dir": str(cfg.run_dir),
             "mlflow_run_id": self.tracker.run_id,
         }

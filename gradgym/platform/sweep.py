@@ -46,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from ray.tune import Callback
 
 from gradgym.platform import mlflow_tracking
+from gradgym.platform.allocator import allocator_library, with_allocator
 from gradgym.platform.asha import RecordingASHA, stopped_trial_ids
 from gradgym.platform.config import (
     ConfigError,
@@ -153,6 +154,7 @@ def start_sweep(path: str | Path, overrides: Sequence[str] = (), *, storage: str
         SweepFailed: the tracking store is unreachable at the start, or Ray fails.
     """
     cfg = load_sweep_config(path, overrides)
+    allocator_library()  # an invalid GRADGYM_MALLOC fails here, before anything starts
     storage_dir = Path(storage or cfg.storage).resolve()
     sweep_dir = _new_sweep_dir(storage_dir, cfg.name)
     cfg = _with_name(cfg, sweep_dir.name)
@@ -185,6 +187,7 @@ def resume_sweep(name: str, *, storage: str = "sweeps") -> SweepOutcome:
         )
     check_tune_state_trusted(sweep_dir / TUNE_DIR)  # before Tuner.restore unpickles it
     cfg = load_sweep_config(sweep_dir / SWEEP_FILE)
+    allocator_library()
     parent = read_json(sweep_dir / PARENT_FILE)  # {} when the sweep logs nothing to MLflow
     previous = _reopen_parent(cfg, parent) if parent else None
     try:
@@ -439,6 +442,10 @@ def _ray(cfg: DictConfig) -> Iterator[LocalRay | None]:
             ray.shutdown()
         return
     _local_only_ray()
+    # The local trials' workers start on gradgym's allocator (platform/allocator.py); a
+    # cluster's nodes start theirs (the image's entrypoints).
+    if preload := with_allocator(os.environ).get("LD_PRELOAD"):
+        env_vars["LD_PRELOAD"] = preload
     local = LocalRay()
     try:
         # A new instance (LocalRay: address="local"), even if `ray start` left a cluster on
