@@ -15,6 +15,7 @@ from gradgym.platform.allocator import (
     allocator_library,
     with_allocator,
 )
+from gradgym.platform.sweep import start_sweep
 
 REPORT = ("import torch; from gradgym.platform.allocator import loaded_allocator; "
           "x = torch.ones(4096); print(loaded_allocator(), int(x.sum()))")
@@ -70,3 +71,12 @@ def test_gradgym_run_refuses_an_unknown_allocator_before_it_starts(tmp_path):
     assert result.returncode == 2
     assert f"{ALLOCATOR_VARIABLE}='tcmalloc'" in result.stderr and "'jemalloc'" in result.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_a_sweep_refuses_an_unknown_allocator_before_it_starts(tmp_path, monkeypatch):
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text("name: never\ngrid:\n  seed: [0, 1]\n")
+    monkeypatch.setenv(ALLOCATOR_VARIABLE, str(tmp_path / "missing.so"))
+    with pytest.raises(AllocatorError, match="missing.so"):
+        start_sweep(sweep_file, storage=str(tmp_path / "sweeps"))
+    assert not (tmp_path / "sweeps").exists() or not any((tmp_path / "sweeps").iterdir())

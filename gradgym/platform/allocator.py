@@ -14,7 +14,8 @@ in a process of its own (a notebook, a script) keeps the allocator it started wi
 it with ``LD_PRELOAD=$(python -m gradgym.platform.allocator)`` to match ``gradgym run``.
 
 ``GRADGYM_MALLOC`` picks the allocator: ``jemalloc`` (the default), ``system`` (the C
-library's own), or the path of another malloc library (``libtcmalloc_minimal.so.4``).
+library's own), or the path of another malloc library (e.g. Debian's
+``/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4``).
 """
 
 from __future__ import annotations
