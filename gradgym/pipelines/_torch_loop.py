@@ -221,6 +221,11 @@ class _LoopProgram:
                    for leaf in carry]
         return outputs, carries
 
+    def x_cotangent_buffers(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Empty buffers for the float scanned inputs' cotangents (``xs`` in the loops'
+        layout), which the backward loop fills."""
+        return [torch.empty_like(x) for x, ok in zip(xs, self.float_xs) if ok]
+
     # ------------------------------------------------------------- one step, flat
     def _split(self, flat: Any) -> tuple[list, list, list]:
         n_params, n_carry, _ = self.counts
@@ -385,7 +390,7 @@ class _Loop(torch.autograd.Function):
             _stored(_dense(grad, _batch_back(b[0]).shape, b.dtype, device))
             for grad, b, ok in zip(end_grads, carry_buffers, program.float_carry) if ok
         ]
-        x_buffers = [torch.empty_like(x) for x, ok in zip(xs, program.float_xs) if ok]
+        x_buffers = program.x_cotangent_buffers(xs)
         _, *out = program.backward_loop(steps_done, *params, *xs, *carry_buffers,
                                          *output_cotangents, *x_buffers, *end_cotangents)
         carry_grads = iter([_batch_back(g) for g in out[:len(end_cotangents)]])
@@ -429,12 +434,9 @@ class _FusedGradient:
         were lost. Every call overwrites them and returns copies, so calls share them.
         """
         program = self.program
-        _, carry, xs = program._split(flat)
-        outputs, carries = program.buffers([_batch_last(leaf) for leaf in carry])
-        x_cotangents = [torch.empty(_batch_last(x, batch_axis=1).shape, dtype=x.dtype,
-                                    device=x.device)
-                        for x, ok in zip(xs, program.float_xs) if ok]
-        return [*outputs, *carries, *x_cotangents]
+        _, carry, xs = program.stored_inputs(flat)
+        outputs, carries = program.buffers(carry)
+        return [*outputs, *carries, *program.x_cotangent_buffers(xs)]
 
     def __call__(self, inputs: tuple) -> tuple[tuple, tuple]:
         program = self.program

@@ -115,7 +115,8 @@ def _mapped_files() -> set[str]:
         lines = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return set()
-    return {line.split(maxsplit=5)[5] for line in lines if len(line.split(maxsplit=5)) == 6}
+    fields = (line.split(maxsplit=5) for line in lines)  # the 6th, where present: the path
+    return {f[5] for f in fields if len(f) == 6}
 
 
 if __name__ == "__main__":  # the library to preload, for a shell: LD_PRELOAD=$(python -m ...)
