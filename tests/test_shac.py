@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -182,3 +183,23 @@ def test_shac_improves_the_held_out_return_on_cartpole(backend):
     result = run_pipeline("shac", env, SHACConfig(env_steps=10_240, eval_every=20, render=False))
     initial = result.history[0]["eval_return_mean"]
     assert result.final_return > initial + 4.0, (initial, result.final_return)
+
+
+def test_the_screen_benchmark_measures_the_start_of_a_pipeline_run(monkeypatch):
+    """benchmarks/shac_screen.py drives the trainer itself (to stop early within a longer
+    lr schedule): its held-out curve must be the pipeline's, point for point."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from shac_screen import shac_curve
+
+    env = gradgym.make("MountainCar", backend="jax")
+    curve = []
+
+    def report(metrics, step, artifacts=None):
+        if "eval_return_mean" in metrics:
+            curve.append(metrics["eval_return_mean"])
+
+    run_pipeline("shac", env, SHACConfig(env_steps=1280, eval_every=2, render=False), 0, report)
+    screened = shac_curve("MountainCar", 0, steps=640, schedule_steps=1280, fields={})
+    assert [at for at, _ in screened] == [0, 128, 256, 384, 512, 640]
+    np.testing.assert_allclose([value for _, value in screened], curve[:6], rtol=1e-6)
+    assert len(set(np.round(curve[:6], 3))) > 1  # the policy changed along the way
