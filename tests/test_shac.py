@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def test_td_lambda_is_gae_plus_values_and_agrees_across_backends():
         np.testing.assert_allclose(targets, expected, rtol=1e-5, atol=1e-5)
 
 
-CFG = SHACConfig(num_envs=3, num_steps=6, time_limit=4, hidden=[8], critic_hidden=[8])
+CFG = SHACConfig(num_envs=3, num_steps=6, time_limit=4, hidden=[8], critic_hidden=[8],
+                 layer_norm=False)
 
 
 def _window_inputs(backend: str, name: str = "Pendulum"):
@@ -73,13 +75,13 @@ def _flat(leaves) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(leaf)) for leaf in leaves])
 
 
-def _loss_and_gradient(backend: str, name: str = "Pendulum"):
+def _loss_and_gradient(backend: str, name: str = "Pendulum", cfg: SHACConfig = CFG):
     """SHAC's actor loss, its gradient by autodiff and a function of flat actor weights."""
     env, actor, critic, stats, carry, restart = _window_inputs(backend, name)
-    time_limit = CFG.time_limit
+    time_limit = cfg.time_limit
     if backend == "jax":
         def loss_of(a):
-            return _rl.shac_actor_loss(_jax, env, CFG, time_limit, a, critic, stats, carry,
+            return _rl.shac_actor_loss(_jax, env, cfg, time_limit, a, critic, stats, carry,
                                        restart)[0]
 
         loss, grads = jax.value_and_grad(loss_of)(actor)
@@ -88,7 +90,7 @@ def _loss_and_gradient(backend: str, name: str = "Pendulum"):
         leaves = tree_map(lambda p: p.clone().requires_grad_(True), actor)
 
         def loss_of(a):
-            return _rl.shac_actor_loss(_torch, env, CFG, time_limit, a, critic, stats, carry,
+            return _rl.shac_actor_loss(_torch, env, cfg, time_limit, a, critic, stats, carry,
                                        restart)[0]
 
         loss = loss_of(leaves)
@@ -110,10 +112,14 @@ def _loss_and_gradient(backend: str, name: str = "Pendulum"):
     return float(loss), gradient, at, _flat(tree_leaves(actor))
 
 
+LAYER_NORMED = dataclasses.replace(CFG, layer_norm=True)
+
+
+@pytest.mark.parametrize("cfg", [CFG, LAYER_NORMED], ids=["plain", "layer_norm"])
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_actor_loss_gradient_matches_finite_differences(backend):
+def test_actor_loss_gradient_matches_finite_differences(backend, cfg):
     """Through a window that crosses episode ends (time limit 4 in a window of 6)."""
-    loss, gradient, at, weights = _loss_and_gradient(backend)
+    loss, gradient, at, weights = _loss_and_gradient(backend, cfg=cfg)
     assert math.isfinite(loss) and np.abs(gradient).max() > 0
     rng = np.random.default_rng(5)
     eps = 1e-6
@@ -123,24 +129,48 @@ def test_actor_loss_gradient_matches_finite_differences(backend):
         assert gradient @ direction == pytest.approx(numeric, rel=1e-5, abs=1e-9)
 
 
-def test_actor_loss_and_gradient_agree_between_jax_and_torch():
-    jax_loss, jax_gradient, _, _ = _loss_and_gradient("jax")
-    torch_loss, torch_gradient, _, _ = _loss_and_gradient("torch")
+@pytest.mark.parametrize("cfg", [CFG, LAYER_NORMED], ids=["plain", "layer_norm"])
+def test_actor_loss_and_gradient_agree_between_jax_and_torch(cfg):
+    jax_loss, jax_gradient, _, _ = _loss_and_gradient("jax", cfg=cfg)
+    torch_loss, torch_gradient, _, _ = _loss_and_gradient("torch", cfg=cfg)
     assert jax_loss == pytest.approx(torch_loss, rel=1e-10)
     np.testing.assert_allclose(jax_gradient, torch_gradient, rtol=1e-8, atol=1e-12)
 
 
-def test_a_shac_run_starts_identically_on_jax_and_torch():
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_a_shac_run_starts_identically_on_jax_and_torch(layer_norm):
     """The first iteration's actor step and every held-out evaluation before the critic's
     shuffled minibatches matter are deterministic: both backends must report the same."""
     cfg = SHACConfig(num_envs=4, num_steps=8, env_steps=32, hidden=[16], critic_hidden=[16],
-                     eval_batch=3, render=False)
+                     eval_batch=3, render=False, layer_norm=layer_norm)
     firsts = []
     for backend in ("jax", "torch"):
         env = gradgym.make("CartPole", backend=backend, dtype="float64")
         firsts.append(run_pipeline("shac", env, cfg, seed=2).history[0])
     for key in ("loss", "grad_norm", "grad_max_abs", "eval_return_mean"):
         assert firsts[0][key] == pytest.approx(firsts[1][key], rel=1e-9), key
+
+
+def test_layer_norm_is_torchs_without_learned_scale_and_changes_the_loss():
+    x = torch.randn(5, 7, dtype=torch.float64) * 3.0 + 1.0
+    torch.testing.assert_close(_rl.normalize_features(torch, x),
+                               torch.nn.functional.layer_norm(x, (7,), eps=1e-5))
+    plain, _, _, _ = _loss_and_gradient("torch")
+    normed, _, _, _ = _loss_and_gradient("torch", cfg=LAYER_NORMED)
+    assert abs(plain - normed) > 1e-3
+
+
+def test_only_the_actors_output_layer_starts_scaled():
+    env = gradgym.make("Pendulum", backend="numpy")
+    plain = initial_networks(env, SHACConfig(actor_output_scale=1.0), seed=3)
+    scaled = initial_networks(env, SHACConfig(actor_output_scale=0.1), seed=3)
+    assert np.abs(plain[0][-1][0]).max() > 0
+    np.testing.assert_allclose(scaled[0][-1][0], 0.1 * plain[0][-1][0])
+    np.testing.assert_allclose(scaled[0][-1][1], 0.1 * plain[0][-1][1])
+    for kept, same in ((scaled[0][:-1], plain[0][:-1]), (scaled[1], plain[1])):
+        for (w1, b1), (w2, b2) in zip(kept, same):
+            np.testing.assert_array_equal(w1, w2)
+            np.testing.assert_array_equal(b1, b2)
 
 
 def test_actor_loss_bootstraps_with_the_critic_at_the_window_end():
@@ -174,6 +204,10 @@ def test_bad_configs_are_rejected_before_any_work():
         run_pipeline("shac", env, SHACConfig(betas=[0.9]))
     with pytest.raises(ValueError, match=r"shac.critic_minibatches=0"):
         run_pipeline("shac", env, SHACConfig(critic_minibatches=0))
+    with pytest.raises(ValueError, match=r"shac.layer_norm='yes'.*true or false"):
+        run_pipeline("shac", env, SHACConfig(layer_norm="yes"))
+    with pytest.raises(ValueError, match=r"shac.actor_output_scale=0.*a number > 0"):
+        run_pipeline("shac", env, SHACConfig(actor_output_scale=0))
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])

@@ -125,12 +125,23 @@ def normalize_advantages(xp: Any, advantages: Any) -> Any:
 # ---------------------------------------------------------------------- networks
 
 
-def mlp(xp: Any, layers: list[tuple[Any, Any]], x: Any) -> Any:
-    """``tanh`` hidden layers and a linear output layer."""
+def mlp(xp: Any, layers: list[tuple[Any, Any]], x: Any, layer_norm: bool = False) -> Any:
+    """``tanh`` hidden layers, each followed by :func:`normalize_features` if ``layer_norm``
+    (as SHAC's networks), and a linear output layer."""
     for weight, bias in layers[:-1]:
         x = xp.tanh(x @ weight + bias)
+        if layer_norm:
+            x = normalize_features(xp, x)
     weight, bias = layers[-1]
     return x @ weight + bias
+
+
+def normalize_features(xp: Any, x: Any) -> Any:
+    """Layer normalization without a learned scale and shift (the next layer's weights
+    and bias can express them): each row of ``x`` to mean 0 and variance 1."""
+    mean = xp.mean(x, axis=-1, keepdims=True)
+    var = xp.mean((x - mean) ** 2, axis=-1, keepdims=True)
+    return (x - mean) / xp.sqrt(var + 1e-5)
 
 
 def squash(xp: Any, raw_action: Any, how: str) -> Any:
@@ -334,14 +345,12 @@ def gaussian_mean_action(xp: Any, how: str, params: tuple, obs: Any, unused: Any
     return squash(xp, mlp(xp, policy, normalize(xp, stats, obs)), how)
 
 
-def actor_action(xp: Any, params: tuple, obs: Any, unused: Any = None) -> Any:
-    """SHAC's (deterministic) action: a tanh MLP of the normalized observation;
-    ``params = (actor, stats)``."""
+def actor_action(xp: Any, params: tuple, obs: Any, unused: Any = None,
+                 layer_norm: bool = False) -> Any:
+    """SHAC's (deterministic) action: ``tanh`` of an :func:`mlp` of the normalized
+    observation; ``params = (actor, stats)``."""
     actor, stats = params
-    hidden = normalize(xp, stats, obs)
-    for weight, bias in actor:
-        hidden = xp.tanh(hidden @ weight + bias)
-    return hidden
+    return xp.tanh(mlp(xp, actor, normalize(xp, stats, obs), layer_norm))
 
 
 class Window(NamedTuple):
@@ -354,8 +363,8 @@ class Window(NamedTuple):
     next_obs: Any
 
 
-def shac_window_step(env: Any, time_limit: int, gamma: float, params: tuple, carry: tuple,
-                     is_last: Any) -> tuple[tuple, Window]:
+def shac_window_step(env: Any, time_limit: int, gamma: float, layer_norm: bool, params: tuple,
+                     carry: tuple, is_last: Any) -> tuple[tuple, Window]:
     """One differentiable step of SHAC's window (scanned over ``is_last [h]``, 1 at the end).
 
     ``params = (actor, critic, stats, restart)``; ``carry = (state, obs, episodes,
@@ -367,11 +376,11 @@ def shac_window_step(env: Any, time_limit: int, gamma: float, params: tuple, car
     xp = env.xp
     actor, critic, stats, restart = params
     state, obs, episodes, value_sum, discount = carry
-    action = actor_action(xp, (actor, stats), obs)
+    action = actor_action(xp, (actor, stats), obs, layer_norm=layer_norm)
     (state, next_carry_obs, episodes), (reward, terminated, done, next_obs) = advance(
         env, time_limit, restart, (state, obs, episodes), action
     )
-    next_value = mlp(xp, critic, normalize(xp, stats, next_obs))[:, 0]
+    next_value = mlp(xp, critic, normalize(xp, stats, next_obs), layer_norm)[:, 0]
     bootstrap = (1.0 - terminated) * xp.maximum(done, is_last * xp.ones_like(done))
     value_sum = value_sum + discount * (reward + gamma * bootstrap * next_value)
     discount = xp.where(done > 0, xp.ones_like(discount), discount * gamma)
@@ -381,14 +390,15 @@ def shac_window_step(env: Any, time_limit: int, gamma: float, params: tuple, car
 
 def shac_targets(xp: Any, target_critic: Any, stats: ObsStats, window: Window, cfg: Any) -> Any:
     """TD(lambda) targets ``[h, B]`` of a window from the target critic's values."""
-    next_values = mlp(xp, target_critic, normalize(xp, stats, window.next_obs))[..., 0]
+    next_values = mlp(xp, target_critic, normalize(xp, stats, window.next_obs),
+                      cfg.layer_norm)[..., 0]
     return td_lambda(xp, window.reward, next_values, window.terminated, window.done,
                      cfg.gamma, cfg.gae_lambda)
 
 
-def value_loss(xp: Any, critic: Any, obs: Any, targets: Any) -> Any:
+def value_loss(xp: Any, critic: Any, obs: Any, targets: Any, layer_norm: bool = False) -> Any:
     """Mean squared error of the critic on normalized ``obs [N, obs_dim]``."""
-    return xp.mean((mlp(xp, critic, obs)[:, 0] - targets) ** 2)
+    return xp.mean((mlp(xp, critic, obs, layer_norm)[:, 0] - targets) ** 2)
 
 
 def shac_actor_loss(ops: Any, env: Any, cfg: Any, time_limit: int, actor: Any, critic: Any,
@@ -406,6 +416,6 @@ def shac_actor_loss(ops: Any, env: Any, cfg: Any, time_limit: int, actor: Any, c
                        xp.zeros((steps,), dtype=reward_like.dtype))
     zeros = xp.zeros_like(reward_like)
     start = tuple(carry) + (zeros, zeros + 1.0)
-    step = functools.partial(shac_window_step, env, time_limit, cfg.gamma)
+    step = functools.partial(shac_window_step, env, time_limit, cfg.gamma, cfg.layer_norm)
     end, window = ops.scan(step, (actor, critic, stats, restart), start, is_last, steps)
     return -xp.mean(end[3]) / steps, (end[:3], Window(*window))

@@ -191,7 +191,8 @@ class SHACTrainer(_Base):
 
     def __init__(self, env: Any, cfg: Any, actor: Any, critic: Any, seed: int, time_limit: int,
                  iters: int):
-        super().__init__(env, cfg, seed, time_limit, functools.partial(actor_action, jnp))
+        super().__init__(env, cfg, seed, time_limit,
+                         functools.partial(actor_action, jnp, layer_norm=cfg.layer_norm))
         self.actor, self.critic, self.target = actor, critic, critic
         self.stats = initial_stats(env.backend, env.spec.obs_dim)
         b1, b2 = (float(b) for b in cfg.betas)
@@ -229,7 +230,7 @@ class SHACTrainer(_Base):
         def critic_update(state, indices):
             critic, opt_state, obs, targets = state
             loss, grads = jax.value_and_grad(
-                lambda c: value_loss(jnp, c, obs[indices], targets[indices]))(critic)
+                lambda c: value_loss(jnp, c, obs[indices], targets[indices], cfg.layer_norm))(critic)
             updates, opt_state = critic_tx.update(grads, opt_state, critic)
             return (optax.apply_updates(critic, updates), opt_state, obs, targets), loss
 

@@ -183,7 +183,8 @@ class SHACTrainer(_Base):
 
     def __init__(self, env: Any, cfg: Any, actor: Any, critic: Any, seed: int, time_limit: int,
                  iters: int):
-        super().__init__(env, cfg, seed, time_limit, functools.partial(actor_action, torch))
+        super().__init__(env, cfg, seed, time_limit,
+                         functools.partial(actor_action, torch, layer_norm=cfg.layer_norm))
         self.actor, self.critic = _leaves_of(actor), _leaves_of(critic)
         self.target = tree_map(lambda p: p.detach().clone(), critic)
         self._actor_leaves, self._critic_leaves = tree_leaves(self.actor), tree_leaves(self.critic)
@@ -232,7 +233,7 @@ class SHACTrainer(_Base):
         losses = []
         for indices in _minibatches(self.generator, obs.shape[0], cfg.critic_iters,
                                     cfg.critic_minibatches):
-            loss = value_loss(torch, self.critic, obs[indices], targets[indices])
+            loss = value_loss(torch, self.critic, obs[indices], targets[indices], cfg.layer_norm)
             optimizer.zero_grad(set_to_none=False)
             loss.backward()
             optimizer.step()

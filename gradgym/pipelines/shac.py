@@ -2,13 +2,14 @@
 
 The actor is trained on analytic gradients of short windows (``num_steps`` steps) of the
 env, which continue from one iteration to the next along long episodes; each window's
-return is completed by the discounted value of its last state from a target critic, so
-the gradient sees past the window without back-propagating through the whole episode.
-The critic is fitted to the window's TD(lambda) returns; the target critic follows it
-by Polyak averaging. Actor: a tanh MLP of the normalized observation (deterministic);
-actor gradients are clipped by global norm and their norms reported. MuJoCo tasks
-differentiate through the transition-Jacobian bridge. For float64, make the env with
-``dtype="float64"`` (``gradgym run ... dtype=float64``).
+return is completed by the discounted value of its last state from a target critic, so the
+gradient sees past the window without back-propagating through the whole episode. The
+critic is fitted to the window's TD(lambda) returns; the target critic follows it by
+Polyak averaging. Actor: a tanh MLP of the normalized observation (deterministic); both
+networks normalize each hidden layer (``layer_norm``, as the paper's); actor gradients are
+clipped by global norm and their norms reported. MuJoCo tasks differentiate through the
+transition-Jacobian bridge. For float64, make the env with ``dtype="float64"`` (``gradgym
+run ... dtype=float64``).
 """
 
 from __future__ import annotations
@@ -29,11 +30,15 @@ SHAC_METRICS = GRADIENT_STEP_METRICS + ("critic_loss",)
 
 
 def initial_networks(env: Env, cfg: SHACConfig, seed: int) -> tuple[list, list]:
-    """``(actor layers, critic layers)`` drawn from the seed."""
+    """``(actor layers, critic layers)`` drawn from the seed; the actor's output layer is
+    scaled by ``cfg.actor_output_scale``, so that its first actions are small and far from
+    the saturated ends of its ``tanh``."""
     rng = host_rng(seed, _rl_run.WEIGHTS_STREAM)
     obs, act = env.spec.obs_dim, env.spec.act_dim
     actor = init_mlp(env, rng, [obs, *[int(h) for h in cfg.hidden], act])
     critic = init_mlp(env, rng, [obs, *[int(h) for h in cfg.critic_hidden], 1])
+    weight, bias = actor[-1]
+    actor[-1] = (weight * cfg.actor_output_scale, bias * cfg.actor_output_scale)
     return actor, critic
 
 
@@ -60,7 +65,7 @@ def optimize(
     ops, trainers, iters, time_limit = _rl_run.prepare("shac", env, cfg)
     actor, critic = initial_networks(env, cfg, seed)
     trainer = trainers.SHACTrainer(env, cfg, actor, critic, seed, time_limit, iters)
-    act = functools.partial(actor_action, env.xp)
+    act = functools.partial(actor_action, env.xp, layer_norm=cfg.layer_norm)
     return _rl_run.run("shac", env, cfg, seed, report, ops, trainer, act, iters, time_limit,
                        SHAC_METRICS)
 
