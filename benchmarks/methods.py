@@ -22,6 +22,7 @@ Every run uses a compile cache in a temporary folder, so seeds after the first o
 
     python benchmarks/methods.py                      # everything (long)
     python benchmarks/methods.py --parts ppo rollout --seeds 1
+    python benchmarks/methods.py --parts shac --shac-set layer_norm=true actor_output_scale=0.1
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from machine_load import load_average
 
 import gradgym
@@ -41,6 +43,7 @@ from gradgym.pipelines.compile_cache import enable_compile_cache
 
 CLASSIC_BPTT_LEARNS = ("CartPole", "MountainCar", "Reacher", "Swimmer")
 CONFIGS = {"ppo": PPOConfig, "shac": SHACConfig, "policy": PolicyConfig}
+SHAC_SETTINGS: dict = {}  # SHACConfig fields every SHAC run of this script takes (--shac-set)
 
 
 def train(method: str, env_name: str, backend: str, seed: int, **fields: Any) -> dict:
@@ -52,6 +55,8 @@ def train(method: str, env_name: str, backend: str, seed: int, **fields: Any) ->
             curve.append((metrics["env_steps"] - metrics["env_steps"] / (step + 1),
                           metrics["eval_return_mean"]))
 
+    if method == "shac":
+        fields = {**SHAC_SETTINGS, **fields}
     env = gradgym.make(env_name, backend=backend)
     began = time.perf_counter()
     result = run_pipeline(method, env, CONFIGS[method](render=False, **fields), seed, report)
@@ -62,6 +67,17 @@ def train(method: str, env_name: str, backend: str, seed: int, **fields: Any) ->
     return {"curve": curve, "final": result.final_return, "initial": curve[0][1], "wall": wall,
             "steps": steps, "compile": result.compile_time_s,
             "iter_time": float(np.median(iter_times))}
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """``key=value`` pairs as SHACConfig fields (values parsed as YAML: 32, 2e-2, false)."""
+    fields = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in SHACConfig.__dataclass_fields__:
+            raise SystemExit(f"settings are key=value with a SHACConfig field; got {pair!r}")
+        fields[key] = yaml.safe_load(value)
+    return fields
 
 
 def mean_std(values: list[float]) -> str:
@@ -239,7 +255,12 @@ def main() -> None:
     parser.add_argument("--shac-envs", nargs="+", default=list(CLASSIC_BPTT_LEARNS))
     parser.add_argument("--mujoco-iters", type=int, default=10)
     parser.add_argument("--mujoco-envs", type=int, default=16)
+    parser.add_argument("--shac-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="SHACConfig fields for every SHAC run (default: the defaults)")
     args = parser.parse_args()
+    SHAC_SETTINGS.update(parse_settings(args.shac_set))
+    if SHAC_SETTINGS:
+        print(f"SHAC settings: {SHAC_SETTINGS}")
     torch.set_num_threads(1)
     enable_compile_cache(tempfile.mkdtemp(prefix="gradgym-methods-"))
     seeds = list(range(args.seeds))

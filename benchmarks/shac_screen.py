@@ -20,9 +20,8 @@ import argparse
 import time
 
 import numpy as np
-import yaml
 from machine_load import load_average
-from methods import CLASSIC_BPTT_LEARNS, train
+from methods import CLASSIC_BPTT_LEARNS, parse_settings, train
 
 import gradgym
 from gradgym.pipelines import SHACConfig, _rl_run
@@ -59,17 +58,6 @@ def ppo_target(env_name: str) -> float:
     """PPO's mean final held-out return over seeds 0-2 at 100k env steps (its defaults)."""
     return float(np.mean([train("ppo", env_name, "jax", s, env_steps=PPO_STEPS)["final"]
                           for s in range(3)]))
-
-
-def parse_settings(pairs: list[str]) -> dict:
-    """``key=value`` pairs as SHACConfig fields (values parsed as YAML: 32, 2e-2, false)."""
-    fields = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in SHACConfig.__dataclass_fields__:
-            raise SystemExit(f"--set takes key=value with a SHACConfig field; got {pair!r}")
-        fields[key] = yaml.safe_load(value)
-    return fields
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ env, which continue from one iteration to the next along long episodes; each win
 return is completed by the discounted value of its last state from a target critic, so the
 gradient sees past the window without back-propagating through the whole episode. The
 critic is fitted to the window's TD(lambda) returns; the target critic follows it by
-Polyak averaging. Actor: a tanh MLP of the normalized observation (deterministic); both
-networks normalize each hidden layer (``layer_norm``, as the paper's); actor gradients are
+Polyak averaging. Actor: a tanh MLP of the normalized observation (deterministic); with
+``layer_norm`` both networks normalize each hidden layer (as the paper's); actor gradients are
 clipped by global norm and their norms reported. MuJoCo tasks differentiate through the
 transition-Jacobian bridge. For float64, make the env with ``dtype="float64"`` (``gradgym
 run ... dtype=float64``).
