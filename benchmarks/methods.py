@@ -34,12 +34,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from machine_load import load_average
 
 import gradgym
 from gradgym.pipelines import PolicyConfig, PPOConfig, SHACConfig, run_pipeline
 from gradgym.pipelines.compile_cache import enable_compile_cache
+from gradgym.platform.config import ConfigError, parse_dotlist
 
 CLASSIC_BPTT_LEARNS = ("CartPole", "MountainCar", "Reacher", "Swimmer")
 CONFIGS = {"ppo": PPOConfig, "shac": SHACConfig, "policy": PolicyConfig}
@@ -70,13 +70,14 @@ def train(method: str, env_name: str, backend: str, seed: int, **fields: Any) ->
 
 
 def parse_settings(pairs: list[str]) -> dict:
-    """``key=value`` pairs as SHACConfig fields (values parsed as YAML: 32, 2e-2, false)."""
-    fields = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in SHACConfig.__dataclass_fields__:
-            raise SystemExit(f"settings are key=value with a SHACConfig field; got {pair!r}")
-        fields[key] = yaml.safe_load(value)
+    """``key=value`` pairs as SHACConfig fields (parsed as ``gradgym run`` parses overrides)."""
+    try:
+        fields = parse_dotlist(pairs)
+    except ConfigError as err:
+        raise SystemExit(str(err)) from None
+    unknown = sorted(set(fields) - set(SHACConfig.__dataclass_fields__))
+    if unknown:
+        raise SystemExit(f"not SHACConfig fields: {', '.join(unknown)}")
     return fields
 
 

@@ -353,6 +353,11 @@ def actor_action(xp: Any, params: tuple, obs: Any, unused: Any = None,
     return xp.tanh(mlp(xp, actor, normalize(xp, stats, obs), layer_norm))
 
 
+def shac_policy(xp: Any, cfg: Any) -> Any:
+    """SHAC's acting function ``act(params, obs, unused=None)`` for ``cfg``'s networks."""
+    return functools.partial(actor_action, xp, layer_norm=cfg.layer_norm)
+
+
 class Window(NamedTuple):
     """What SHAC keeps of one step of its window (for the critic's targets)."""
 

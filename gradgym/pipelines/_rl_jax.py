@@ -20,7 +20,6 @@ import optax
 
 from gradgym.pipelines import _jax
 from gradgym.pipelines._rl import (
-    actor_action,
     episode_return_stats,
     gaussian_mean_action,
     initial_stats,
@@ -31,6 +30,7 @@ from gradgym.pipelines._rl import (
     ppo_loss,
     restart_from,
     shac_actor_loss,
+    shac_policy,
     shac_targets,
     update_stats,
     value_loss,
@@ -191,8 +191,7 @@ class SHACTrainer(_Base):
 
     def __init__(self, env: Any, cfg: Any, actor: Any, critic: Any, seed: int, time_limit: int,
                  iters: int):
-        super().__init__(env, cfg, seed, time_limit,
-                         functools.partial(actor_action, jnp, layer_norm=cfg.layer_norm))
+        super().__init__(env, cfg, seed, time_limit, shac_policy(jnp, cfg))
         self.actor, self.critic, self.target = actor, critic, critic
         self.stats = initial_stats(env.backend, env.spec.obs_dim)
         b1, b2 = (float(b) for b in cfg.betas)

@@ -17,7 +17,6 @@ from gradgym.pipelines import _torch
 from gradgym.pipelines._rl import (
     Collected,
     Window,
-    actor_action,
     episode_return_stats,
     gaussian_mean_action,
     initial_stats,
@@ -28,6 +27,7 @@ from gradgym.pipelines._rl import (
     ppo_loss,
     restart_from,
     shac_actor_loss,
+    shac_policy,
     shac_targets,
     update_stats,
     value_loss,
@@ -183,8 +183,7 @@ class SHACTrainer(_Base):
 
     def __init__(self, env: Any, cfg: Any, actor: Any, critic: Any, seed: int, time_limit: int,
                  iters: int):
-        super().__init__(env, cfg, seed, time_limit,
-                         functools.partial(actor_action, torch, layer_norm=cfg.layer_norm))
+        super().__init__(env, cfg, seed, time_limit, shac_policy(torch, cfg))
         self.actor, self.critic = _leaves_of(actor), _leaves_of(critic)
         self.target = tree_map(lambda p: p.detach().clone(), critic)
         self._actor_leaves, self._critic_leaves = tree_leaves(self.actor), tree_leaves(self.critic)

@@ -14,12 +14,10 @@ run ... dtype=float64``).
 
 from __future__ import annotations
 
-import functools
-
 from gradgym.envs.backends import AUTODIFF_BACKENDS
 from gradgym.envs.core import Env
 from gradgym.pipelines import _rl_run
-from gradgym.pipelines._rl import actor_action
+from gradgym.pipelines._rl import shac_policy
 from gradgym.pipelines._rollout import host_rng
 from gradgym.pipelines.base import EVAL_METRIC, GRADIENT_STEP_METRICS, PipelineResult, Report
 from gradgym.pipelines.config import SHACConfig, iterations
@@ -65,7 +63,7 @@ def optimize(
     ops, trainers, iters, time_limit = _rl_run.prepare("shac", env, cfg)
     actor, critic = initial_networks(env, cfg, seed)
     trainer = trainers.SHACTrainer(env, cfg, actor, critic, seed, time_limit, iters)
-    act = functools.partial(actor_action, env.xp, layer_norm=cfg.layer_norm)
+    act = shac_policy(env.xp, cfg)
     return _rl_run.run("shac", env, cfg, seed, report, ops, trainer, act, iters, time_limit,
                        SHAC_METRICS)
 
