@@ -15,7 +15,7 @@ from gradgym.envs.backends import ARRAY_BACKENDS, AUTODIFF_BACKENDS, BACKENDS, g
 from gradgym.pipelines import get_pipeline, pipelines, registry
 from gradgym.pipelines.base import FINAL_METRICS, LOOP_METRICS, PipelineResult, as_reporter
 from gradgym.pipelines.config import _Common
-from gradgym.platform.config import ConfigError, compose_run_config, load_sweep_config
+from gradgym.platform.config import ConfigError, compose_run_config, load_sweep_config, trial_run_configs
 from gradgym.platform.records import RunRecord
 from gradgym.platform.runner import execute_run, settle_run
 from gradgym.platform.tracking import LocalTracker, RunIdentity, open_tracker
@@ -192,3 +192,51 @@ def test_the_progress_bar_says_compiling_until_the_first_iteration(tmp_path, cap
     shown = capsys.readouterr().err
     assert ("compiling" in shown) is compiles, shown
     assert "3/3" in shown and "return_mean=" in shown
+
+
+@pytest.fixture
+def toy_pipeline_with_env_defaults():
+    spec = registry.register(registry.PipelineSpec(
+        name="random-search", config=_RandomSearchConfig, optimize=_random_search,
+        backends=("numpy",), needs_gradients=False, step_metrics=("return_mean",),
+        env_defaults={"CartPole": {"horizon": 7, "batch": 3}}))
+    yield spec
+    registry._SPECS.pop("random-search")
+
+
+def test_a_pipelines_env_defaults_come_between_its_schema_and_every_layer(
+        tmp_path, toy_pipeline_with_env_defaults):
+    base = ["pipeline=random-search", "backend=numpy"]
+    on = lambda *items: compose_run_config(base, list(items)).pipeline  # noqa: E731
+    assert (on("env=CartPole").horizon, on("env=CartPole").batch) == (7, 3)
+    assert on("env=Pendulum").horizon == _RandomSearchConfig().horizon
+    # Whatever a layer sets wins, wherever it stands: before or after the env is chosen,
+    # and across layers (a base file choosing one env, the command line another).
+    assert on("pipeline.horizon=9", "env=CartPole").horizon == 9
+    assert on("env=CartPole", "pipeline.horizon=9").batch == 3
+    assert compose_run_config(base, ["env=Pendulum"], ["env=CartPole"]).pipeline.horizon == 7
+    # The Python API starts from the same config.
+    spec = toy_pipeline_with_env_defaults
+    assert spec.default_config("CartPole") == _RandomSearchConfig(horizon=7, batch=3)
+    assert spec.default_config("CartPole", batch=5) == _RandomSearchConfig(horizon=7, batch=5)
+    assert spec.default_config("Pendulum") == spec.default_config() == _RandomSearchConfig()
+    # A sweep over envs gives each trial its env's defaults.
+    path = tmp_path / "sweep.yaml"
+    path.write_text("name: s\noverrides: {pipeline: random-search, backend: numpy}\n"
+                    "grid: {env: [Pendulum, CartPole]}\n")
+    trials = trial_run_configs(load_sweep_config(path))
+    assert {t.env: t.pipeline.horizon for t in trials} == {"Pendulum": 5, "CartPole": 7}
+
+
+@pytest.mark.parametrize(("env_defaults", "message"), [
+    ({"Cartpole": {"horizon": 7}}, "names 'Cartpole', which is not a registered env"),
+    ({"CartPole": {"horizn": 7}}, r"env_defaults\['CartPole'\] sets horizn, which _RandomSearchConfig"),
+    ({"CartPole": {"iters": 0}}, r"env_defaults\['CartPole'\]: random-search.iters=0 is invalid; allowed: an int >= 1"),
+])
+def test_env_defaults_that_name_no_env_field_or_valid_value_are_refused(env_defaults, message):
+    with pytest.raises(ValueError, match=message):
+        registry.register(registry.PipelineSpec(
+            name="random-search", config=_RandomSearchConfig, optimize=_random_search,
+            backends=("numpy",), needs_gradients=False, step_metrics=("return_mean",),
+            env_defaults=env_defaults))
+    assert "random-search" not in pipelines()

@@ -204,7 +204,7 @@ def optimize(
         ValueError: an invalid config or env, before any work.
         NonFiniteReturnError: the return became NaN/inf (everything so far is reported).
     """
-    cfg = cfg if cfg is not None else CEMConfig()
+    cfg = cfg if cfg is not None else PIPELINE.default_config(env.spec.name)
     return lone_outcome(optimize_pack(env, [cfg], [seed], [report]))
 
 

@@ -65,7 +65,7 @@ def optimize(
         ValueError: an invalid config or a backend without autodiff, before any work.
         NonFiniteReturnError: a return became NaN/inf (everything so far is reported).
     """
-    cfg = cfg if cfg is not None else PPOConfig()
+    cfg = cfg if cfg is not None else PIPELINE.default_config(env.spec.name)
     ops, trainers, iters, time_limit = _rl_run.prepare("ppo", env, cfg)
     trainer = trainers.PPOTrainer(env, cfg, initial_weights(env, cfg, seed), seed, time_limit,
                                   iters)

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+from gradgym.envs import registered
 from gradgym.pipelines.base import FINAL_METRICS, LOOP_METRICS
 
 # Modules that register the built-in pipelines, in the order they are listed to users.
@@ -50,6 +51,9 @@ class PipelineSpec:
             SHAC derive it from ``env_steps``).
         replay: ``replay(params) -> base.Replay``: a result's parameters as what
             ``gradgym view`` replays (``None``: the pipeline saves no replay).
+        env_defaults: env name -> config fields whose defaults differ on that env. A run
+            starts from the config dataclass's defaults, then these, then what the user sets
+            (see :meth:`default_config`; ``gradgym run`` and sweeps layer them the same way).
     """
 
     name: str
@@ -65,6 +69,12 @@ class PipelineSpec:
     packable_fields: tuple[str, ...] = ()
     iterations: Callable[[Any], int] = lambda cfg: int(cfg.iters)
     replay: Callable[[Any], Any] | None = None
+    env_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def default_config(self, env: str | None = None, **overrides: Any) -> Any:
+        """The config a run on ``env`` starts from: the dataclass's defaults, then
+        ``env_defaults[env]``, then ``overrides`` (config fields)."""
+        return self.config(**{**self.env_defaults.get(env, {}), **overrides})
 
     @property
     def iteration_metrics(self) -> tuple[str, ...]:
@@ -82,7 +92,24 @@ _SPECS: dict[str, PipelineSpec] = {}
 
 
 def register(spec: PipelineSpec) -> PipelineSpec:
-    """Add ``spec`` to the registry (a pipeline module calls this at import)."""
+    """Add ``spec`` to the registry (a pipeline module calls this at import).
+
+    Raises:
+        ValueError: ``spec.env_defaults`` names an env that is not registered, a field its
+            config does not have, or a value the config refuses.
+    """
+    for env, overrides in spec.env_defaults.items():
+        if env not in registered():
+            raise ValueError(f"pipeline {spec.name!r}: env_defaults names {env!r}, which is not "
+                             f"a registered env; registered: {', '.join(registered())}")
+        unknown = sorted(set(overrides) - {f.name for f in fields(spec.config)})
+        if unknown:
+            raise ValueError(f"pipeline {spec.name!r}: env_defaults[{env!r}] sets "
+                             f"{', '.join(unknown)}, which {spec.config.__name__} does not have")
+        try:
+            spec.default_config(env).validate()
+        except ValueError as err:
+            raise ValueError(f"pipeline {spec.name!r}: env_defaults[{env!r}]: {err}") from None
     _SPECS[spec.name] = spec
     return spec
 

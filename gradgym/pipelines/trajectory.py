@@ -121,7 +121,7 @@ def optimize(
         ValueError: an invalid config or a backend without gradients, before any work.
         NonFiniteReturnError: the return became NaN/inf (everything so far is reported).
     """
-    cfg = cfg if cfg is not None else TrajectoryConfig()
+    cfg = cfg if cfg is not None else PIPELINE.default_config(env.spec.name)
     return lone_outcome(optimize_pack(env, [cfg], [seed], [report]))
 
 

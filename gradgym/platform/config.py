@@ -223,7 +223,12 @@ def compose_run_config(*layers: Layer) -> DictConfig:
         ConfigError: an unknown key, a wrong type or an invalid value (see the module doc).
     """
     flat_layers = [_as_flat(layer) for layer in layers]
-    cfg = _run_schema(_selected_pipeline(flat_layers))
+    pipeline = _selected_pipeline(flat_layers)
+    cfg = _run_schema(pipeline)
+    # The pipeline's own defaults for the env come before every layer, so that any layer
+    # (a sweep's overrides, a grid value, the command line) can set them otherwise.
+    env_defaults = get_pipeline(pipeline).env_defaults.get(_selected(flat_layers, "env"), {})
+    cfg = _merge(cfg, {"pipeline": dict(env_defaults)})
     for flat in flat_layers:  # merge returns a new config: the cached schema stays as it is
         flat = {("pipeline.name" if k == "pipeline" else k): v for k, v in flat.items()}
         cfg = _merge(cfg, _nest(flat))
@@ -246,12 +251,19 @@ def _run_schema(pipeline: str) -> DictConfig:
     return OmegaConf.structured(RunConfig(pipeline=get_pipeline(pipeline).config()))
 
 
-def _selected_pipeline(flat_layers: list[dict[str, Any]]) -> str:
-    name = DEFAULT_PIPELINE
+def _selected(flat_layers: list[dict[str, Any]], *keys: str, default: Any = None) -> Any:
+    """The value the last layer that sets one of ``keys`` gives it (``RunConfig``'s default
+    for ``keys[0]`` when none does and no ``default`` is given)."""
+    value = getattr(RunConfig, keys[0]) if default is None else default
     for flat in flat_layers:
-        for key in ("pipeline", "pipeline.name"):
+        for key in keys:
             if key in flat:
-                name = flat[key]
+                value = flat[key]
+    return value
+
+
+def _selected_pipeline(flat_layers: list[dict[str, Any]]) -> str:
+    name = _selected(flat_layers, "pipeline", "pipeline.name", default=DEFAULT_PIPELINE)
     if name not in pipelines():
         raise ConfigError(_bad_value("pipeline", name, pipelines()))
     return name
