@@ -37,17 +37,17 @@ import torch
 from machine_load import load_average
 
 import gradgym
-from gradgym.pipelines import PolicyConfig, PPOConfig, SHACConfig, run_pipeline
+from gradgym.pipelines import PPOConfig, SHACConfig, get_pipeline, run_pipeline
 from gradgym.pipelines.compile_cache import enable_compile_cache
 from gradgym.platform.config import ConfigError, parse_dotlist
 
 CLASSIC_BPTT_LEARNS = ("CartPole", "MountainCar", "Reacher", "Swimmer")
-CONFIGS = {"ppo": PPOConfig, "shac": SHACConfig, "policy": PolicyConfig}
 SHAC_SETTINGS: dict = {}  # SHACConfig fields every SHAC run of this script takes (--shac-set)
 
 
 def train(method: str, env_name: str, backend: str, seed: int, **fields: Any) -> dict:
-    """One run: its held-out curve ``[(env steps, return)]``, final return, wall time."""
+    """One run from the pipeline's defaults for the env, with ``fields`` (config fields) set:
+    its held-out curve ``[(env steps, return)]``, final return, wall time."""
     curve: list[tuple[float, float]] = []
 
     def report(metrics: dict, step: int, artifacts: Any = None) -> None:
@@ -59,7 +59,8 @@ def train(method: str, env_name: str, backend: str, seed: int, **fields: Any) ->
         fields = {**SHAC_SETTINGS, **fields}
     env = gradgym.make(env_name, backend=backend)
     began = time.perf_counter()
-    result = run_pipeline(method, env, CONFIGS[method](render=False, **fields), seed, report)
+    cfg = get_pipeline(method).default_config(env_name, render=False, **fields)
+    result = run_pipeline(method, env, cfg, seed, report)
     wall = time.perf_counter() - began
     steps = result.history[-1]["env_steps"]
     curve.append((steps, result.final_return))
@@ -190,8 +191,8 @@ def part_shac(seeds: list[int], shac_steps: int, envs: list[str]) -> None:
     within 10k steps (what the >= 10x target asks for)."""
     ppo_steps = 100_000
     print(f"\n== SHAC vs PPO: env steps to reach PPO's final return (PPO {ppo_steps} steps; SHAC "
-          f"up to {shac_steps}, defaults {SHACConfig().num_envs} envs x "
-          f"{SHACConfig().num_steps} steps), jax, {len(seeds)} seeds [load average {load_average()}]")
+          f"up to {shac_steps}, each env's defaults), jax, {len(seeds)} seeds "
+          f"[load average {load_average()}]")
     for env_name in envs:
         ppo = [train("ppo", env_name, "jax", s, env_steps=ppo_steps) for s in seeds]
         shac = [train("shac", env_name, "jax", s, env_steps=shac_steps, eval_every=2)
@@ -208,19 +209,27 @@ def part_shac(seeds: list[int], shac_steps: int, envs: list[str]) -> None:
               f"within {ppo_steps // 10} steps {mean_std(early)} [load average {load_average()}]", flush=True)
 
 
-def part_mujoco(iters: int, num_envs: int) -> None:
-    window = SHACConfig().num_steps
-    print(f"\n== SHAC on MuJoCo through the Jacobian bridge ({num_envs} envs x {window} steps, "
-          f"{iters} iterations) [load average {load_average()}]")
+def part_mujoco(seeds: list[int], iters: int, num_envs: int | None) -> None:
+    """SHAC on two MuJoCo tasks from each one's defaults (``num_envs`` replaces theirs when
+    given): held-out return of every seed before and after ``iters`` iterations, and the cost
+    of an iteration."""
+    print(f"\n== SHAC on MuJoCo through the Jacobian bridge, {iters} iterations, seeds "
+          f"{seeds[0]}-{seeds[-1]} [load average {load_average()}]")
     for env_name in ("HalfCheetah-v5", "Hopper-v5"):
+        cfg = get_pipeline("shac").default_config(env_name, **SHAC_SETTINGS)
+        batch = num_envs or cfg.num_envs
         for backend in ("jax", "torch"):
-            run = train("shac", env_name, backend, 0, iters=iters, num_envs=num_envs,
-                        env_steps=iters * num_envs * window, eval_every=max(iters // 2, 1),
-                        eval_batch=4)
-            print(f"{env_name:15s} {backend:5s} held-out {run['initial']:8.1f} -> "
-                  f"{run['final']:8.1f}; {run['iter_time']:.2f} s/iteration "
-                  f"({num_envs * window / run['iter_time']:.0f} env steps/s), compile "
-                  f"{run['compile']:.1f} s [load average {load_average()}]")
+            runs = [train("shac", env_name, backend, s, iters=iters, num_envs=batch,
+                          env_steps=iters * batch * cfg.num_steps, eval_every=max(iters // 4, 1),
+                          eval_batch=4) for s in seeds]
+            iter_time = float(np.mean([r["iter_time"] for r in runs]))
+            per_seed = ", ".join(f"{r['initial']:.1f} -> {r['final']:.1f}" for r in runs)
+            print(f"{env_name:15s} {backend:5s} ({batch} envs x {cfg.num_steps} steps, lr "
+                  f"{cfg.lr:g}) held-out "
+                  f"{per_seed}; mean "
+                  f"final {mean_std([r['final'] for r in runs])}; {iter_time:.2f} s/iteration "
+                  f"({batch * cfg.num_steps / iter_time:.0f} env steps/s), compile "
+                  f"{runs[0]['compile']:.1f} s [load average {load_average()}]", flush=True)
 
 
 def part_table(seeds: list[int], budget: int, envs: list[str]) -> None:
@@ -254,10 +263,11 @@ def main() -> None:
     parser.add_argument("--envs", nargs="+",
                         default=["Pendulum", "CartPole", "MountainCar", "Reacher", "Swimmer"])
     parser.add_argument("--shac-envs", nargs="+", default=list(CLASSIC_BPTT_LEARNS))
-    parser.add_argument("--mujoco-iters", type=int, default=10)
-    parser.add_argument("--mujoco-envs", type=int, default=16)
+    parser.add_argument("--mujoco-iters", type=int, default=160)
+    parser.add_argument("--mujoco-envs", type=int, default=None,
+                        help="envs per SHAC iteration on MuJoCo (default: each env's default)")
     parser.add_argument("--shac-set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="SHACConfig fields for every SHAC run (default: the defaults)")
+                        help="SHACConfig fields for every SHAC run, over each env's defaults")
     args = parser.parse_args()
     SHAC_SETTINGS.update(parse_settings(args.shac_set))
     if SHAC_SETTINGS:
@@ -269,7 +279,7 @@ def main() -> None:
         {"ppo": lambda: part_ppo(seeds),
          "rollout": part_rollout,
          "shac": lambda: part_shac(seeds, args.shac_steps, args.shac_envs),
-         "mujoco": lambda: part_mujoco(args.mujoco_iters, args.mujoco_envs),
+         "mujoco": lambda: part_mujoco(seeds, args.mujoco_iters, args.mujoco_envs),
          "table": lambda: part_table(seeds, args.budget, args.envs)}[part]()
 
 

@@ -7,7 +7,8 @@ prints, per env, SHAC's best held-out return within 10k env steps (mean over ``-
 and the env steps at which each seed first reaches PPO's final return at 100k steps (the
 target: PPO is trained in the same run, seeds 0-2, unless ``--target ENV=RETURN`` is given).
 The held-out return is measured every 2 iterations, before the update, as ``methods.py``
-does with ``eval_every=2``.
+does with ``eval_every=2``. Each env starts from SHAC's defaults for it (``SHACConfig``'s,
+then the pipeline's ``env_defaults``); ``--set`` changes fields on top of those.
 
     python benchmarks/shac_screen.py                                  # the defaults
     python benchmarks/shac_screen.py --set critic_iters=32 normalize_obs=false
@@ -24,7 +25,7 @@ from machine_load import load_average
 from methods import CLASSIC_BPTT_LEARNS, parse_settings, train
 
 import gradgym
-from gradgym.pipelines import SHACConfig, _rl_run
+from gradgym.pipelines import _rl_run, get_pipeline
 from gradgym.pipelines._rollout import host_rng, start_states
 from gradgym.pipelines.shac import initial_networks
 
@@ -35,9 +36,11 @@ EARLY_STEPS = PPO_STEPS // 10  # the target: PPO's final return within a tenth o
 def shac_curve(env_name: str, seed: int, steps: int, schedule_steps: int,
                fields: dict) -> list[tuple[int, float]]:
     """``[(env steps before the update, held-out return)]`` of the first ``steps`` env steps
-    of a SHAC run whose budget (and so lr schedule) is ``schedule_steps``."""
+    of a SHAC run whose budget (and so lr schedule) is ``schedule_steps``, from SHAC's
+    defaults for the env with ``fields`` set."""
     env = gradgym.make(env_name, backend="jax")
-    cfg = SHACConfig(render=False, env_steps=schedule_steps, **fields)
+    cfg = get_pipeline("shac").default_config(env_name, render=False, env_steps=schedule_steps,
+                                              **fields)
     _, trainers, iters, time_limit = _rl_run.prepare("shac", env, cfg)
     actor, critic = initial_networks(env, cfg, seed)
     trainer = trainers.SHACTrainer(env, cfg, actor, critic, seed, time_limit, iters)
@@ -63,7 +66,7 @@ def ppo_target(env_name: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="SHACConfig fields to change (default: none, the defaults)")
+                        help="SHACConfig fields to set (default: none: SHAC's defaults for each env)")
     parser.add_argument("--envs", nargs="+", default=list(CLASSIC_BPTT_LEARNS))
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=12_000)

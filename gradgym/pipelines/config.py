@@ -299,7 +299,8 @@ class SHACConfig:
     window's discounted rewards plus the target critic's value at its end through the
     env; then the critic is fitted to TD(lambda) targets of the window (``critic_iters``
     passes of ``critic_minibatches`` minibatches) and the target critic follows it
-    (``target_alpha``: the weight kept of the old target). Budget: ``env_steps``.
+    (``target_alpha``: the weight kept of the old target). Budget: ``env_steps``. Some envs
+    start from other values of some fields: ``gradgym.pipelines.shac.ENV_DEFAULTS``.
     """
 
     name: str = "shac"
@@ -324,9 +325,8 @@ class SHACConfig:
     hidden: list[int] = field(default_factory=lambda: [64, 64])
     critic_hidden: list[int] = field(default_factory=lambda: [64, 64])
     # layer normalization after each hidden layer of both networks (as the paper's) and the
-    # scale of the actor's initial output layer. On the classic tasks `layer_norm=true
-    # actor_output_scale=0.1` keeps the actor's tanh out of saturation and gets there in fewer
-    # env steps (but Swimmer); on HalfCheetah-v5 it went backwards: README, "Methods"
+    # scale of the actor's initial output layer: on by default on CartPole, MountainCar and
+    # Reacher (shac.ENV_DEFAULTS), where they keep the actor's tanh out of saturation
     layer_norm: bool = False
     actor_output_scale: float = 1.0
     eval_every: int = 10

@@ -26,6 +26,18 @@ from gradgym.pipelines.registry import PipelineSpec, register
 
 SHAC_METRICS = GRADIENT_STEP_METRICS + ("critic_loss",)
 
+# Where SHAC's defaults differ by env; README, "Methods", gives the runs behind each.
+_UNSATURATED = {"layer_norm": True, "actor_output_scale": 0.1}  # tanh stays off its flat ends
+ENV_DEFAULTS = {
+    "CartPole": _UNSATURATED,
+    "MountainCar": {**_UNSATURATED, "num_envs": 2},  # twice the actor updates per env step
+    "Reacher": _UNSATURATED,
+    "Swimmer": {"normalize_obs": False, "critic_iters": 32},
+    # Adam's steps of 1e-2 throw a walking policy around through contact; smaller ones climb
+    "HalfCheetah-v5": {"lr": 3e-4},
+    "Hopper-v5": {"lr": 1e-3},
+}
+
 
 def initial_networks(env: Env, cfg: SHACConfig, seed: int) -> tuple[list, list]:
     """``(actor layers, critic layers)`` drawn from the seed; the actor's output layer is
@@ -47,7 +59,8 @@ def optimize(
 
     Args:
         env: an env made with backend ``"jax"`` or ``"torch"`` (float32 or float64).
-        cfg: the pipeline config (defaults: 4 envs, windows of 16 steps; otherwise the paper's).
+        cfg: the pipeline config (``None``: the defaults for this env, ``ENV_DEFAULTS``
+            over ``SHACConfig``'s: 4 envs, windows of 16 steps; otherwise the paper's).
         seed: selects the weights and the start states.
         report: called with each iteration's metrics and once at the end (see ``base``).
 
@@ -59,7 +72,7 @@ def optimize(
         ValueError: an invalid config or a backend without gradients, before any work.
         NonFiniteReturnError: a return became NaN/inf (everything so far is reported).
     """
-    cfg = cfg if cfg is not None else SHACConfig()
+    cfg = cfg if cfg is not None else PIPELINE.default_config(env.spec.name)
     ops, trainers, iters, time_limit = _rl_run.prepare("shac", env, cfg)
     actor, critic = initial_networks(env, cfg, seed)
     trainer = trainers.SHACTrainer(env, cfg, actor, critic, seed, time_limit, iters)
@@ -78,4 +91,5 @@ PIPELINE = register(PipelineSpec(
     eval_metric=EVAL_METRIC,
     iterations=iterations,
     summary="short-horizon actor-critic: analytic gradients of short windows + a critic",
+    env_defaults=ENV_DEFAULTS,
 ))
