@@ -15,7 +15,13 @@ from gradgym.envs.backends import ARRAY_BACKENDS, AUTODIFF_BACKENDS, BACKENDS, g
 from gradgym.pipelines import get_pipeline, pipelines, registry
 from gradgym.pipelines.base import FINAL_METRICS, LOOP_METRICS, PipelineResult, as_reporter
 from gradgym.pipelines.config import _Common
-from gradgym.platform.config import ConfigError, compose_run_config, load_sweep_config, trial_run_configs
+from gradgym.platform.config import (
+    ConfigError,
+    compose_run_config,
+    env_defaults_in_use,
+    load_sweep_config,
+    trial_run_configs,
+)
 from gradgym.platform.records import RunRecord
 from gradgym.platform.runner import execute_run, settle_run
 from gradgym.platform.tracking import LocalTracker, RunIdentity, open_tracker
@@ -207,7 +213,7 @@ def toy_pipeline_with_env_defaults():
 def test_a_pipelines_env_defaults_come_between_its_schema_and_every_layer(
         tmp_path, toy_pipeline_with_env_defaults):
     base = ["pipeline=random-search", "backend=numpy"]
-    on = lambda *items: compose_run_config(base, list(items)).pipeline  # noqa: E731
+    on = lambda *items: compose_run_config(base, list(items)).pipeline
     assert (on("env=CartPole").horizon, on("env=CartPole").batch) == (7, 3)
     assert on("env=Pendulum").horizon == _RandomSearchConfig().horizon
     # Whatever a layer sets wins, wherever it stands: before or after the env is chosen,
@@ -215,6 +221,10 @@ def test_a_pipelines_env_defaults_come_between_its_schema_and_every_layer(
     assert on("pipeline.horizon=9", "env=CartPole").horizon == 9
     assert on("env=CartPole", "pipeline.horizon=9").batch == 3
     assert compose_run_config(base, ["env=Pendulum"], ["env=CartPole"]).pipeline.horizon == 7
+    # `gradgym run` names the env's defaults a run keeps (not those a layer replaced).
+    kept = env_defaults_in_use(compose_run_config(base, ["env=CartPole", "pipeline.batch=4"]))
+    assert kept == {"pipeline.horizon": 7}
+    assert env_defaults_in_use(compose_run_config(base, ["env=Pendulum"])) == {}
     # The Python API starts from the same config.
     spec = toy_pipeline_with_env_defaults
     assert spec.default_config("CartPole") == _RandomSearchConfig(horizon=7, batch=3)

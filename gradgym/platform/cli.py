@@ -110,7 +110,12 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from gradgym.platform.config import compose_run_config, default_run_layers, load_yaml
+    from gradgym.platform.config import (
+        compose_run_config,
+        default_run_layers,
+        env_defaults_in_use,
+        load_yaml,
+    )
     from gradgym.platform.mlflow_tracking import resolve_tracking_uri
     from gradgym.platform.runner import RunDirExistsError, default_run_dir, execute_run
 
@@ -120,6 +125,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg = OmegaConf.merge(cfg, {"run_dir": str(default_run_dir(cfg))})
     if cfg.tracking.enabled:
         print(f"tracking: {resolve_tracking_uri(cfg.tracking.uri)} (experiment {cfg.tracking.experiment!r})")
+    if in_use := env_defaults_in_use(cfg):
+        print(f"{cfg.pipeline.name}'s defaults for {cfg.env}: "
+              f"{' '.join(f'{key}={value}' for key, value in in_use.items())}")
     ended_by: list[int] = []
     previous = signal.signal(signal.SIGTERM, _interrupt_on(ended_by))
     try:

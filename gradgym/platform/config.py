@@ -412,6 +412,14 @@ def run_config_to_dict(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def env_defaults_in_use(cfg: DictConfig) -> dict[str, Any]:
+    """The ``pipeline.*`` keys of ``cfg`` that hold its pipeline's defaults for its env
+    (where those differ from the config dataclass's and no layer set them otherwise)."""
+    defaults = get_pipeline(cfg.pipeline.name).env_defaults.get(cfg.env, {})
+    return {f"pipeline.{key}": value for key, value in defaults.items()
+            if cfg.pipeline[key] == value}
+
+
 def flat_params(cfg: DictConfig) -> dict[str, str]:
     """The resolved config flattened to dotted keys (MLflow params)."""
     return {key: str(value) for key, value in flatten(run_config_to_dict(cfg)).items()}
