@@ -17,12 +17,14 @@ Parts (``--parts``, all by default):
   wall time, over ``--seeds`` seeds, with the env steps each method needed to reach PPO's
   final return (the ``shac`` part's question at the table's budget).
 
-Every run uses a compile cache in a temporary folder, so seeds after the first of a
-(method, env) skip most of jax's compilation; wall times include what remains.
+Every run starts from its pipeline's defaults for its env (``--no-env-defaults``: from the
+config dataclass's) and uses a compile cache in a temporary folder, so seeds after the first
+of a (method, env) skip most of jax's compilation; wall times include what remains.
 
     python benchmarks/methods.py                      # everything (long)
     python benchmarks/methods.py --parts ppo rollout --seeds 1
-    python benchmarks/methods.py --parts shac --shac-set layer_norm=true actor_output_scale=0.1
+    python benchmarks/methods.py --parts shac --shac-set critic_iters=32
+    python benchmarks/methods.py --parts shac --no-env-defaults    # SHACConfig's everywhere
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from gradgym.platform.config import ConfigError, parse_dotlist
 
 CLASSIC_BPTT_LEARNS = ("CartPole", "MountainCar", "Reacher", "Swimmer")
 SHAC_SETTINGS: dict = {}  # SHACConfig fields every SHAC run of this script takes (--shac-set)
+USE_ENV_DEFAULTS = True  # False: every run starts from its config dataclass (--no-env-defaults)
 
 
 def train(method: str, env_name: str, backend: str, seed: int, **fields: Any) -> dict:
@@ -59,7 +62,8 @@ def train(method: str, env_name: str, backend: str, seed: int, **fields: Any) ->
         fields = {**SHAC_SETTINGS, **fields}
     env = gradgym.make(env_name, backend=backend)
     began = time.perf_counter()
-    cfg = get_pipeline(method).default_config(env_name, render=False, **fields)
+    start = env_name if USE_ENV_DEFAULTS else None
+    cfg = get_pipeline(method).default_config(start, render=False, **fields)
     result = run_pipeline(method, env, cfg, seed, report)
     wall = time.perf_counter() - began
     steps = result.history[-1]["env_steps"]
@@ -191,7 +195,8 @@ def part_shac(seeds: list[int], shac_steps: int, envs: list[str]) -> None:
     within 10k steps (what the >= 10x target asks for)."""
     ppo_steps = 100_000
     print(f"\n== SHAC vs PPO: env steps to reach PPO's final return (PPO {ppo_steps} steps; SHAC "
-          f"up to {shac_steps}, each env's defaults), jax, {len(seeds)} seeds "
+          f"up to {shac_steps}, {'each env' if USE_ENV_DEFAULTS else 'SHACConfig'}'s defaults), "
+          f"jax, {len(seeds)} seeds "
           f"[load average {load_average()}]")
     for env_name in envs:
         ppo = [train("ppo", env_name, "jax", s, env_steps=ppo_steps) for s in seeds]
@@ -216,7 +221,8 @@ def part_mujoco(seeds: list[int], iters: int, num_envs: int | None) -> None:
     print(f"\n== SHAC on MuJoCo through the Jacobian bridge, {iters} iterations, seeds "
           f"{seeds[0]}-{seeds[-1]} [load average {load_average()}]")
     for env_name in ("HalfCheetah-v5", "Hopper-v5"):
-        cfg = get_pipeline("shac").default_config(env_name, **SHAC_SETTINGS)
+        cfg = get_pipeline("shac").default_config(env_name if USE_ENV_DEFAULTS else None,
+                                                  **SHAC_SETTINGS)
         batch = num_envs or cfg.num_envs
         for backend in ("jax", "torch"):
             runs = [train("shac", env_name, backend, s, iters=iters, num_envs=batch,
@@ -255,6 +261,7 @@ def part_table(seeds: list[int], budget: int, envs: list[str]) -> None:
 
 
 def main() -> None:
+    global USE_ENV_DEFAULTS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", nargs="+", default=["ppo", "rollout", "shac", "mujoco", "table"])
     parser.add_argument("--seeds", type=int, default=3)
@@ -268,8 +275,11 @@ def main() -> None:
                         help="envs per SHAC iteration on MuJoCo (default: each env's default)")
     parser.add_argument("--shac-set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="SHACConfig fields for every SHAC run, over each env's defaults")
+    parser.add_argument("--no-env-defaults", action="store_true",
+                        help="start every run from its config dataclass, not its env's defaults")
     args = parser.parse_args()
     SHAC_SETTINGS.update(parse_settings(args.shac_set))
+    USE_ENV_DEFAULTS = not args.no_env_defaults
     if SHAC_SETTINGS:
         print(f"SHAC settings: {SHAC_SETTINGS}")
     torch.set_num_threads(1)

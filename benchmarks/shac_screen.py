@@ -10,7 +10,8 @@ The held-out return is measured every 2 iterations, before the update, as ``meth
 does with ``eval_every=2``. Each env starts from SHAC's defaults for it (``SHACConfig``'s,
 then the pipeline's ``env_defaults``); ``--set`` changes fields on top of those.
 
-    python benchmarks/shac_screen.py                                  # the defaults
+    python benchmarks/shac_screen.py                                  # each env's defaults
+    python benchmarks/shac_screen.py --no-env-defaults                # SHACConfig's everywhere
     python benchmarks/shac_screen.py --set critic_iters=32 normalize_obs=false
     python benchmarks/shac_screen.py --envs CartPole --set num_envs=2 num_steps=32
 """
@@ -33,14 +34,14 @@ PPO_STEPS = 100_000
 EARLY_STEPS = PPO_STEPS // 10  # the target: PPO's final return within a tenth of its steps
 
 
-def shac_curve(env_name: str, seed: int, steps: int, schedule_steps: int,
-               fields: dict) -> list[tuple[int, float]]:
+def shac_curve(env_name: str, seed: int, steps: int, schedule_steps: int, fields: dict,
+               env_defaults: bool = True) -> list[tuple[int, float]]:
     """``[(env steps before the update, held-out return)]`` of the first ``steps`` env steps
     of a SHAC run whose budget (and so lr schedule) is ``schedule_steps``, from SHAC's
-    defaults for the env with ``fields`` set."""
+    defaults for the env (``SHACConfig``'s if not ``env_defaults``) with ``fields`` set."""
     env = gradgym.make(env_name, backend="jax")
-    cfg = get_pipeline("shac").default_config(env_name, render=False, env_steps=schedule_steps,
-                                              **fields)
+    cfg = get_pipeline("shac").default_config(env_name if env_defaults else None, render=False,
+                                              env_steps=schedule_steps, **fields)
     _, trainers, iters, time_limit = _rl_run.prepare("shac", env, cfg)
     actor, critic = initial_networks(env, cfg, seed)
     trainer = trainers.SHACTrainer(env, cfg, actor, critic, seed, time_limit, iters)
@@ -71,19 +72,23 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=12_000)
     parser.add_argument("--schedule-steps", type=int, default=102_400)
+    parser.add_argument("--no-env-defaults", action="store_true",
+                        help="start every env from SHACConfig's defaults, not its own")
     parser.add_argument("--target", nargs="*", default=[], metavar="ENV=RETURN",
                         help="PPO's final return per env, instead of training PPO here")
     args = parser.parse_args()
     fields = parse_settings(args.set)
     targets = {name: float(value) for name, value in (t.split("=") for t in args.target)}
-    print(f"SHAC {fields or 'defaults'}: {args.steps} env steps of a {args.schedule_steps}-step "
+    start = "SHACConfig's defaults" if args.no_env_defaults else "each env's defaults"
+    print(f"SHAC{f' {fields}' if fields else ''} over {start}: {args.steps} env steps of a {args.schedule_steps}-step "
           f"schedule, jax, seeds 0-{args.seeds - 1} [load average {load_average()}]")
     began = time.perf_counter()
     for env_name in args.envs:
         target = targets.get(env_name)
         if target is None:
             target = ppo_target(env_name)
-        curves = [shac_curve(env_name, seed, args.steps, args.schedule_steps, fields)
+        curves = [shac_curve(env_name, seed, args.steps, args.schedule_steps, fields,
+                             env_defaults=not args.no_env_defaults)
                   for seed in range(args.seeds)]
         early = [max(value for at, value in curve if at <= EARLY_STEPS) for curve in curves]
         reach = [next((at for at, value in curve if value >= target), None) for curve in curves]
