@@ -227,8 +227,9 @@ def compose_run_config(*layers: Layer) -> DictConfig:
     cfg = _run_schema(pipeline)
     # The pipeline's own defaults for the env come before every layer, so that any layer
     # (a sweep's overrides, a grid value, the command line) can set them otherwise.
-    env_defaults = get_pipeline(pipeline).env_defaults.get(_selected(flat_layers, "env"), {})
-    cfg = _merge(cfg, {"pipeline": dict(env_defaults)})
+    env_defaults = get_pipeline(pipeline).env_defaults.get(str(_selected(flat_layers, "env")))
+    if env_defaults:
+        cfg = _merge(cfg, {"pipeline": dict(env_defaults)})
     for flat in flat_layers:  # merge returns a new config: the cached schema stays as it is
         flat = {("pipeline.name" if k == "pipeline" else k): v for k, v in flat.items()}
         cfg = _merge(cfg, _nest(flat))
