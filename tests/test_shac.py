@@ -249,7 +249,8 @@ def test_the_screen_benchmark_measures_the_start_of_a_pipeline_run(monkeypatch):
     cfg = get_pipeline("shac").default_config("MountainCar", env_steps=1280, eval_every=2,
                                               render=False)
     run_pipeline("shac", env, cfg, 0, report)
-    screened = shac_curve("MountainCar", 0, steps=640, schedule_steps=1280, fields={})
-    assert [at for at, _ in screened] == [0, 128, 256, 384, 512, 640]
+    every = 2 * cfg.num_envs * cfg.num_steps  # env steps between two held-out evaluations
+    screened = shac_curve("MountainCar", 0, steps=5 * every, schedule_steps=1280, fields={})
+    assert [at for at, _ in screened] == [i * every for i in range(6)]
     np.testing.assert_allclose([value for _, value in screened], curve[:6], rtol=1e-6)
     assert len(set(np.round(curve[:6], 3))) > 1  # the policy changed along the way
