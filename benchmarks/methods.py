@@ -48,9 +48,19 @@ SHAC_SETTINGS: dict = {}  # SHACConfig fields every SHAC run of this script take
 USE_ENV_DEFAULTS = True  # False: every run starts from its config dataclass (--no-env-defaults)
 
 
+def run_config(method: str, env_name: str, **fields: Any) -> Any:
+    """The config of this script's runs of ``method`` on ``env_name``: the pipeline's defaults
+    for the env (its dataclass's with ``--no-env-defaults``), then ``--shac-set``, then
+    ``fields``."""
+    if method == "shac":
+        fields = {**SHAC_SETTINGS, **fields}
+    start = env_name if USE_ENV_DEFAULTS else None
+    return get_pipeline(method).default_config(start, render=False, **fields)
+
+
 def train(method: str, env_name: str, backend: str, seed: int, **fields: Any) -> dict:
-    """One run from the pipeline's defaults for the env, with ``fields`` (config fields) set:
-    its held-out curve ``[(env steps, return)]``, final return, wall time."""
+    """One run of :func:`run_config`'s config with ``fields`` set: its held-out curve
+    ``[(env steps, return)]``, final return, wall time."""
     curve: list[tuple[float, float]] = []
 
     def report(metrics: dict, step: int, artifacts: Any = None) -> None:
@@ -58,13 +68,9 @@ def train(method: str, env_name: str, backend: str, seed: int, **fields: Any) ->
             curve.append((metrics["env_steps"] - metrics["env_steps"] / (step + 1),
                           metrics["eval_return_mean"]))
 
-    if method == "shac":
-        fields = {**SHAC_SETTINGS, **fields}
     env = gradgym.make(env_name, backend=backend)
     began = time.perf_counter()
-    start = env_name if USE_ENV_DEFAULTS else None
-    cfg = get_pipeline(method).default_config(start, render=False, **fields)
-    result = run_pipeline(method, env, cfg, seed, report)
+    result = run_pipeline(method, env, run_config(method, env_name, **fields), seed, report)
     wall = time.perf_counter() - began
     steps = result.history[-1]["env_steps"]
     curve.append((steps, result.final_return))
@@ -221,8 +227,7 @@ def part_mujoco(seeds: list[int], iters: int, num_envs: int | None) -> None:
     print(f"\n== SHAC on MuJoCo through the Jacobian bridge, {iters} iterations, seeds "
           f"{seeds[0]}-{seeds[-1]} [load average {load_average()}]")
     for env_name in ("HalfCheetah-v5", "Hopper-v5"):
-        cfg = get_pipeline("shac").default_config(env_name if USE_ENV_DEFAULTS else None,
-                                                  **SHAC_SETTINGS)
+        cfg = run_config("shac", env_name)
         batch = num_envs or cfg.num_envs
         for backend in ("jax", "torch"):
             runs = [train("shac", env_name, backend, s, iters=iters, num_envs=batch,

@@ -98,11 +98,12 @@ def register(spec: PipelineSpec) -> PipelineSpec:
         ValueError: ``spec.env_defaults`` names an env that is not registered, a field its
             config does not have, or a value the config refuses.
     """
+    envs, config_fields = registered(), {f.name for f in fields(spec.config)}
     for env, overrides in spec.env_defaults.items():
-        if env not in registered():
+        if env not in envs:
             raise ValueError(f"pipeline {spec.name!r}: env_defaults names {env!r}, which is not "
-                             f"a registered env; registered: {', '.join(registered())}")
-        unknown = sorted(set(overrides) - {f.name for f in fields(spec.config)})
+                             f"a registered env; registered: {', '.join(envs)}")
+        unknown = sorted(set(overrides) - config_fields)
         if unknown:
             raise ValueError(f"pipeline {spec.name!r}: env_defaults[{env!r}] sets "
                              f"{', '.join(unknown)}, which {spec.config.__name__} does not have")
