@@ -36,6 +36,8 @@ ENV_DEFAULTS = {
     # Adam's steps of 1e-2 throw a walking policy around through contact; smaller ones climb
     "HalfCheetah-v5": {"lr": 3e-4},
     "Hopper-v5": {"lr": 1e-3},
+    "Ant-v5": {"lr": 3e-4},  # keeps it standing; 1e-2 throws it over
+    "InvertedPendulum-v5": {"lr": 1e-3},  # balances on every seed within 4k env steps
 }
 
 
