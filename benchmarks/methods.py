@@ -11,8 +11,9 @@ Parts (``--parts``, all by default):
   Target: >= 10x SB3's.
 - ``shac``: on the classic tasks where BPTT learns, the env steps SHAC needs to reach PPO's
   final return (PPO at its default 100k steps) and the ratio (target >= 10x fewer).
-- ``mujoco``: SHAC on HalfCheetah-v5 and Hopper-v5 (through the transition-Jacobian bridge):
-  held-out return before/after and the time per iteration.
+- ``mujoco``: SHAC on MuJoCo tasks (``--mujoco-tasks``: HalfCheetah-v5 and Hopper-v5 by
+  default; through the transition-Jacobian bridge): held-out return before/after and the time
+  per iteration.
 - ``table``: method x env, held-out return at a fixed env-step budget (``--budget``) and
   wall time, over ``--seeds`` seeds, with the env steps each method needed to reach PPO's
   final return (the ``shac`` part's question at the table's budget).
@@ -25,6 +26,8 @@ of a (method, env) skip most of jax's compilation; wall times include what remai
     python benchmarks/methods.py --parts ppo rollout --seeds 1
     python benchmarks/methods.py --parts shac --shac-set critic_iters=32
     python benchmarks/methods.py --parts shac --no-env-defaults    # SHACConfig's everywhere
+    python benchmarks/methods.py --parts mujoco --mujoco-tasks Walker2d-v5 --mujoco-backends jax \
+        --mujoco-episodes 8 --shac-set lr=0.001
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ import torch
 from machine_load import load_average
 
 import gradgym
+from gradgym.envs.backends import AUTODIFF_BACKENDS
+from gradgym.envs.mujoco import TASKS as MUJOCO_TASKS
 from gradgym.pipelines import PPOConfig, SHACConfig, get_pipeline, run_pipeline
 from gradgym.pipelines.compile_cache import enable_compile_cache
 from gradgym.platform.config import ConfigError, parse_dotlist
@@ -220,19 +225,20 @@ def part_shac(seeds: list[int], shac_steps: int, envs: list[str]) -> None:
               f"within {ppo_steps // 10} steps {mean_std(early)} [load average {load_average()}]", flush=True)
 
 
-def part_mujoco(seeds: list[int], iters: int, num_envs: int | None) -> None:
-    """SHAC on two MuJoCo tasks from each one's defaults (``num_envs`` replaces theirs when
-    given): held-out return of every seed before and after ``iters`` iterations, and the cost
-    of an iteration."""
+def part_mujoco(seeds: list[int], iters: int, num_envs: int | None, tasks: list[str],
+                backends: list[str], episodes: int) -> None:
+    """SHAC on MuJoCo ``tasks`` from each one's defaults (``num_envs`` replaces theirs when
+    given): held-out return (``episodes`` episodes) of every seed before and after ``iters``
+    iterations, and the cost of an iteration."""
     print(f"\n== SHAC on MuJoCo through the Jacobian bridge, {iters} iterations, seeds "
           f"{seeds[0]}-{seeds[-1]} [load average {load_average()}]")
-    for env_name in ("HalfCheetah-v5", "Hopper-v5"):
+    for env_name in tasks:
         cfg = run_config("shac", env_name)
         batch = num_envs or cfg.num_envs
-        for backend in ("jax", "torch"):
+        for backend in backends:
             runs = [train("shac", env_name, backend, s, iters=iters, num_envs=batch,
                           env_steps=iters * batch * cfg.num_steps, eval_every=max(iters // 4, 1),
-                          eval_batch=4) for s in seeds]
+                          eval_batch=episodes) for s in seeds]
             iter_time = float(np.mean([r["iter_time"] for r in runs]))
             per_seed = ", ".join(f"{r['initial']:.1f} -> {r['final']:.1f}" for r in runs)
             print(f"{env_name:15s} {backend:5s} ({batch} envs x {cfg.num_steps} steps, lr "
@@ -278,6 +284,12 @@ def main() -> None:
     parser.add_argument("--mujoco-iters", type=int, default=160)
     parser.add_argument("--mujoco-envs", type=int, default=None,
                         help="envs per SHAC iteration on MuJoCo (default: each env's default)")
+    parser.add_argument("--mujoco-tasks", nargs="+", default=["HalfCheetah-v5", "Hopper-v5"],
+                        choices=[task.name for task in MUJOCO_TASKS])
+    parser.add_argument("--mujoco-backends", nargs="+", default=list(AUTODIFF_BACKENDS),
+                        choices=AUTODIFF_BACKENDS)
+    parser.add_argument("--mujoco-episodes", type=int, default=4,
+                        help="held-out episodes per evaluation on MuJoCo")
     parser.add_argument("--shac-set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="SHACConfig fields for every SHAC run, over each env's defaults")
     parser.add_argument("--no-env-defaults", action="store_true",
@@ -294,7 +306,9 @@ def main() -> None:
         {"ppo": lambda: part_ppo(seeds),
          "rollout": part_rollout,
          "shac": lambda: part_shac(seeds, args.shac_steps, args.shac_envs),
-         "mujoco": lambda: part_mujoco(seeds, args.mujoco_iters, args.mujoco_envs),
+         "mujoco": lambda: part_mujoco(seeds, args.mujoco_iters, args.mujoco_envs,
+                                       args.mujoco_tasks, args.mujoco_backends,
+                                       args.mujoco_episodes),
          "table": lambda: part_table(seeds, args.budget, args.envs)}[part]()
 
 
