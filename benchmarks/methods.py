@@ -242,9 +242,8 @@ def part_mujoco(seeds: list[int], iters: int, num_envs: int | None, tasks: list[
             iter_time = float(np.mean([r["iter_time"] for r in runs]))
             per_seed = ", ".join(f"{r['initial']:.1f} -> {r['final']:.1f}" for r in runs)
             print(f"{env_name:15s} {backend:5s} ({batch} envs x {cfg.num_steps} steps, lr "
-                  f"{cfg.lr:g}) held-out "
-                  f"{per_seed}; mean "
-                  f"final {mean_std([r['final'] for r in runs])}; {iter_time:.2f} s/iteration "
+                  f"{cfg.lr:g}) held-out {per_seed}; mean final "
+                  f"{mean_std([r['final'] for r in runs])}; {iter_time:.2f} s/iteration "
                   f"({batch * cfg.num_steps / iter_time:.0f} env steps/s), compile "
                   f"{runs[0]['compile']:.1f} s [load average {load_average()}]", flush=True)
 

@@ -71,10 +71,14 @@ class PipelineSpec:
     replay: Callable[[Any], Any] | None = None
     env_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
+    def defaults_for(self, env: str | None) -> Mapping[str, Any]:
+        """The config fields whose defaults differ on ``env`` (empty where none do)."""
+        return self.env_defaults.get(env, {})
+
     def default_config(self, env: str | None = None, **overrides: Any) -> Any:
         """The config a run on ``env`` starts from: the dataclass's defaults, then
-        ``env_defaults[env]``, then ``overrides`` (config fields)."""
-        return self.config(**{**self.env_defaults.get(env, {}), **overrides})
+        :meth:`defaults_for` ``env``, then ``overrides`` (config fields)."""
+        return self.config(**{**self.defaults_for(env), **overrides})
 
     @property
     def iteration_metrics(self) -> tuple[str, ...]:

@@ -227,8 +227,8 @@ def compose_run_config(*layers: Layer) -> DictConfig:
     cfg = _run_schema(pipeline)
     # The pipeline's own defaults for the env come before every layer, so that any layer
     # (a sweep's overrides, a grid value, the command line) can set them otherwise.
-    env_defaults = get_pipeline(pipeline).env_defaults.get(str(_selected(flat_layers, "env")))
-    if env_defaults:
+    env = str(_selected(flat_layers, "env", default=RunConfig.env))
+    if env_defaults := get_pipeline(pipeline).defaults_for(env):
         cfg = _merge(cfg, {"pipeline": dict(env_defaults)})
     for flat in flat_layers:  # merge returns a new config: the cached schema stays as it is
         flat = {("pipeline.name" if k == "pipeline" else k): v for k, v in flat.items()}
@@ -252,10 +252,10 @@ def _run_schema(pipeline: str) -> DictConfig:
     return OmegaConf.structured(RunConfig(pipeline=get_pipeline(pipeline).config()))
 
 
-def _selected(flat_layers: list[dict[str, Any]], *keys: str, default: Any = None) -> Any:
-    """The value the last layer that sets one of ``keys`` gives it (``RunConfig``'s default
-    for ``keys[0]`` when none does and no ``default`` is given)."""
-    value = getattr(RunConfig, keys[0]) if default is None else default
+def _selected(flat_layers: list[dict[str, Any]], *keys: str, default: Any) -> Any:
+    """The value the last layer that sets one of ``keys`` gives it (``default`` when none
+    does)."""
+    value = default
     for flat in flat_layers:
         for key in keys:
             if key in flat:
@@ -416,7 +416,7 @@ def run_config_to_dict(cfg: DictConfig) -> dict[str, Any]:
 def env_defaults_in_use(cfg: DictConfig) -> dict[str, Any]:
     """The ``pipeline.*`` keys of ``cfg`` that hold its pipeline's defaults for its env
     (where those differ from the config dataclass's and no layer set them otherwise)."""
-    defaults = get_pipeline(cfg.pipeline.name).env_defaults.get(cfg.env, {})
+    defaults = get_pipeline(cfg.pipeline.name).defaults_for(cfg.env)
     return {f"pipeline.{key}": value for key, value in defaults.items()
             if cfg.pipeline[key] == value}
 
