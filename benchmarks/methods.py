@@ -43,6 +43,7 @@ from machine_load import load_average
 
 import gradgym
 from gradgym.envs.backends import AUTODIFF_BACKENDS
+from gradgym.envs.classic import TASKS as CLASSIC_TASKS
 from gradgym.envs.mujoco import TASKS as MUJOCO_TASKS
 from gradgym.pipelines import PPOConfig, SHACConfig, get_pipeline, run_pipeline
 from gradgym.pipelines.compile_cache import enable_compile_cache
@@ -272,15 +273,22 @@ def part_table(seeds: list[int], budget: int, envs: list[str]) -> None:
 
 def main() -> None:
     global USE_ENV_DEFAULTS
+    classic = [task.name for task in CLASSIC_TASKS]
+    parts = ("ppo", "rollout", "shac", "mujoco", "table")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["ppo", "rollout", "shac", "mujoco", "table"])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--shac-steps", type=int, default=400_000)
-    parser.add_argument("--budget", type=int, default=200_000)
-    parser.add_argument("--envs", nargs="+",
-                        default=["Pendulum", "CartPole", "MountainCar", "Reacher", "Swimmer"])
-    parser.add_argument("--shac-envs", nargs="+", default=list(CLASSIC_BPTT_LEARNS))
-    parser.add_argument("--mujoco-iters", type=int, default=160)
+    parser.add_argument("--parts", nargs="+", default=list(parts), choices=parts,
+                        help="what to measure, in this order (default: all; see the docstring)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every run")
+    parser.add_argument("--shac-steps", type=int, default=102_400,
+                        help="env steps of each SHAC run of the shac part")
+    parser.add_argument("--budget", type=int, default=200_000,
+                        help="env steps of every run of the table part")
+    parser.add_argument("--envs", nargs="+", choices=classic, default=classic,
+                        help="envs of the table part")
+    parser.add_argument("--shac-envs", nargs="+", choices=classic,
+                        default=list(CLASSIC_BPTT_LEARNS), help="envs of the shac part")
+    parser.add_argument("--mujoco-iters", type=int, default=160,
+                        help="SHAC iterations per MuJoCo run")
     parser.add_argument("--mujoco-envs", type=int, default=None,
                         help="envs per SHAC iteration on MuJoCo (default: each env's default)")
     parser.add_argument("--mujoco-tasks", nargs="+", default=["HalfCheetah-v5", "Hopper-v5"],
