@@ -271,12 +271,23 @@ def part_table(seeds: list[int], budget: int, envs: list[str]) -> None:
                   flush=True)
 
 
+# What each of --parts runs, given the parsed arguments and the seeds.
+PARTS = {
+    "ppo": lambda args, seeds: part_ppo(seeds),
+    "rollout": lambda args, seeds: part_rollout(),
+    "shac": lambda args, seeds: part_shac(seeds, args.shac_steps, args.shac_envs),
+    "mujoco": lambda args, seeds: part_mujoco(seeds, args.mujoco_iters, args.mujoco_envs,
+                                              args.mujoco_tasks, args.mujoco_backends,
+                                              args.mujoco_episodes),
+    "table": lambda args, seeds: part_table(seeds, args.budget, args.envs),
+}
+
+
 def main() -> None:
     global USE_ENV_DEFAULTS
     classic = [task.name for task in CLASSIC_TASKS]
-    parts = ("ppo", "rollout", "shac", "mujoco", "table")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", nargs="+", default=list(parts), choices=parts,
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
                         help="what to measure, in this order (default: all; see the docstring)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every run")
     parser.add_argument("--shac-steps", type=int, default=102_400,
@@ -310,13 +321,7 @@ def main() -> None:
     enable_compile_cache(tempfile.mkdtemp(prefix="gradgym-methods-"))
     seeds = list(range(args.seeds))
     for part in args.parts:
-        {"ppo": lambda: part_ppo(seeds),
-         "rollout": part_rollout,
-         "shac": lambda: part_shac(seeds, args.shac_steps, args.shac_envs),
-         "mujoco": lambda: part_mujoco(seeds, args.mujoco_iters, args.mujoco_envs,
-                                       args.mujoco_tasks, args.mujoco_backends,
-                                       args.mujoco_episodes),
-         "table": lambda: part_table(seeds, args.budget, args.envs)}[part]()
+        PARTS[part](args, seeds)
 
 
 if __name__ == "__main__":
